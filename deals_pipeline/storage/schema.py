@@ -1,0 +1,160 @@
+"""The one schema definition (HAZARDS #53). Migrations are append-only; each runs once, in order.
+
+Times are stored as TIMESTAMPTZ (UTC) for people and as raw integers (Keepa minutes, server ms)
+where the pipeline computes with them.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # v1
+    """
+    CREATE TABLE IF NOT EXISTS meta (
+        key VARCHAR PRIMARY KEY,
+        value VARCHAR NOT NULL
+    );
+
+    -- One row per ASIN: what Keepa's deal list said, plus /product enrichment.
+    CREATE TABLE IF NOT EXISTS deals (
+        asin VARCHAR PRIMARY KEY,
+        domain_id INTEGER NOT NULL,
+        title VARCHAR,
+        price_type INTEGER,                 -- the priceTypes entry of the query the deal came from
+        current_price INTEGER,              -- current[price_type], cents; NULL for -1/-2 sentinels
+        avg90_price INTEGER,                -- avg[3][price_type]
+        delta90 INTEGER,                    -- delta[3][price_type]
+        delta_percent90 INTEGER,            -- deltaPercent[3][price_type]
+        current_amazon INTEGER,
+        current_new INTEGER,
+        current_used INTEGER,
+        sales_rank INTEGER,                 -- current[3]
+        categories BIGINT[],
+        root_cat BIGINT,
+        image_url VARCHAR,
+        warehouse_condition INTEGER,
+        sales_rank_drops30 INTEGER,
+        sales_rank_drops90 INTEGER,
+        creation_date TIMESTAMPTZ,
+        last_update TIMESTAMPTZ,
+        last_update_minute BIGINT NOT NULL, -- Keepa minute; the upsert watermark compares these
+        viability VARCHAR NOT NULL,         -- 'viable' or 'filtered' (free pre-filter on deal fields)
+        filter_reason VARCHAR,
+        product_title VARCHAR,
+        product_sales_rank INTEGER,
+        product_used_price INTEGER,
+        product_total_offers INTEGER,
+        product_live_offers INTEGER,
+        product_last_update TIMESTAMPTZ,
+        enriched_at TIMESTAMPTZ,
+        enriched_minute BIGINT,             -- deal lastUpdate the enrichment belongs to
+        raw_deal JSON,
+        raw_product JSON,
+        first_seen TIMESTAMPTZ NOT NULL,
+        last_seen TIMESTAMPTZ NOT NULL,
+        source VARCHAR NOT NULL,            -- 'keepa' or 'simulator'
+        origin VARCHAR NOT NULL             -- 'backfill' or 'upsert' (last writer)
+    );
+
+    -- The deal list of one page, as fetched once (HAZARDS H1): reruns reuse it.
+    CREATE TABLE IF NOT EXISTS page_snapshots (
+        page INTEGER NOT NULL,
+        selection_fingerprint VARCHAR NOT NULL,
+        fetched_at TIMESTAMPTZ NOT NULL,
+        server_timestamp_ms BIGINT NOT NULL,
+        raw_count INTEGER NOT NULL,
+        deal_count INTEGER NOT NULL,
+        skipped_count INTEGER NOT NULL,
+        is_last BOOLEAN NOT NULL,
+        asins VARCHAR[] NOT NULL,
+        tokens_consumed INTEGER NOT NULL,
+        raw_response JSON NOT NULL,
+        PRIMARY KEY (page, selection_fingerprint)
+    );
+
+    -- Progress per chunk; the cursor is the set of done chunks (HAZARDS H2).
+    CREATE TABLE IF NOT EXISTS page_chunks (
+        page INTEGER NOT NULL,
+        selection_fingerprint VARCHAR NOT NULL,
+        chunk_index INTEGER NOT NULL,
+        asins VARCHAR[] NOT NULL,
+        status VARCHAR NOT NULL,            -- 'pending', 'done', 'failed'
+        attempts INTEGER NOT NULL DEFAULT 0,
+        tokens_spent INTEGER NOT NULL DEFAULT 0,
+        deals_stored INTEGER NOT NULL DEFAULT 0,
+        fresh_skipped INTEGER NOT NULL DEFAULT 0,
+        filtered INTEGER NOT NULL DEFAULT 0,
+        error VARCHAR,
+        updated_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (page, selection_fingerprint, chunk_index)
+    );
+
+    CREATE TABLE IF NOT EXISTS page_summaries (
+        page INTEGER NOT NULL,
+        selection_fingerprint VARCHAR NOT NULL,
+        status VARCHAR NOT NULL,            -- 'complete' or 'partial'
+        chunks_total INTEGER NOT NULL,
+        chunks_done INTEGER NOT NULL,
+        deals_on_page INTEGER NOT NULL,
+        is_last BOOLEAN NOT NULL,
+        tokens_spent INTEGER NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (page, selection_fingerprint)
+    );
+
+    -- The last token status the server reported (one row). Re-based by every response.
+    CREATE TABLE IF NOT EXISTS token_server_status (
+        id INTEGER PRIMARY KEY,
+        tokens_left INTEGER NOT NULL,
+        refill_in_ms BIGINT NOT NULL,
+        refill_rate INTEGER NOT NULL,
+        timestamp_ms BIGINT NOT NULL,
+        recorded_at_ms BIGINT NOT NULL
+    );
+
+    -- Every spend: reserved before the call, settled with the server's tokensConsumed after it.
+    CREATE TABLE IF NOT EXISTS token_ledger (
+        reservation_id VARCHAR PRIMARY KEY,
+        created_ms BIGINT NOT NULL,
+        expires_ms BIGINT NOT NULL,
+        settled_ms BIGINT,
+        owner VARCHAR NOT NULL,             -- who spent: 'backfill', 'upsert', ... plus run id
+        purpose VARCHAR NOT NULL,           -- 'deal_page', 'product', ...
+        priority INTEGER NOT NULL,
+        detail VARCHAR,
+        predicted INTEGER NOT NULL,
+        actual INTEGER,
+        state VARCHAR NOT NULL              -- 'reserved', 'settled', 'released'
+    );
+
+    -- Shared budget flags (one row), e.g. the low-rate recharge mode.
+    CREATE TABLE IF NOT EXISTS budget_state (
+        id INTEGER PRIMARY KEY,
+        recharging BOOLEAN NOT NULL,
+        since_ms BIGINT NOT NULL
+    );
+
+    -- Upsert watermark: (last_update_minute, asin) of the newest deal committed in order.
+    CREATE TABLE IF NOT EXISTS watermarks (
+        name VARCHAR PRIMARY KEY,
+        last_update_minute BIGINT NOT NULL,
+        asin VARCHAR NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL
+    );
+
+    CREATE TABLE IF NOT EXISTS upsert_runs (
+        run_id VARCHAR PRIMARY KEY,
+        started_at TIMESTAMPTZ NOT NULL,
+        finished_at TIMESTAMPTZ,
+        status VARCHAR NOT NULL,
+        batch_size INTEGER NOT NULL,
+        batch_reason VARCHAR NOT NULL,
+        deals_new INTEGER NOT NULL DEFAULT 0,
+        deals_updated INTEGER NOT NULL DEFAULT 0,
+        tokens_spent INTEGER NOT NULL DEFAULT 0,
+        watermark_before BIGINT,
+        watermark_after BIGINT
+    );
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
