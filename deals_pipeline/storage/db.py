@@ -78,7 +78,9 @@ class Database:
             reraise=True,
         ):
             with attempt:
-                return duckdb.connect(str(self.path))
+                con = duckdb.connect(str(self.path))
+                con.execute("SET TimeZone = 'UTC'")
+                return con
         raise AssertionError("unreachable")  # pragma: no cover
 
     @contextmanager

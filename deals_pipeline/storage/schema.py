@@ -88,6 +88,18 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (page, selection_fingerprint, chunk_index)
     );
 
+    -- A paid /product response whose rows could not be written (HAZARDS #40): the rerun
+    -- transforms it again instead of paying for it again.
+    CREATE TABLE IF NOT EXISTS chunk_staging (
+        page INTEGER NOT NULL,
+        selection_fingerprint VARCHAR NOT NULL,
+        chunk_index INTEGER NOT NULL,
+        raw_response JSON NOT NULL,
+        tokens_consumed INTEGER NOT NULL,
+        fetched_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (page, selection_fingerprint, chunk_index)
+    );
+
     CREATE TABLE IF NOT EXISTS page_summaries (
         page INTEGER NOT NULL,
         selection_fingerprint VARCHAR NOT NULL,
