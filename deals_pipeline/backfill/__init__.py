@@ -1,0 +1,1 @@
+"""Backfill: one Keepa deal page per partition, processed in exactly-once chunks."""

@@ -1,0 +1,352 @@
+"""Exactly-once page backfill, in plain Python (the Dagster graph only calls these methods).
+
+A page is fetched once and its deal list stored as a snapshot (HAZARDS H1), split into chunks of
+``chunk_size`` deals. Each chunk commits its deal rows, its done mark and its token spend in ONE
+DuckDB transaction, so a run killed at any moment resumes at the next unfinished chunk and pays at
+most for the chunk that was in flight. Failed chunks stay failed (not skipped) until a run
+completes them (HAZARDS H2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from deals_pipeline.budget import BudgetDeadline, Priority, TokenBudget
+from deals_pipeline.clock import Clock
+from deals_pipeline.enrichment import ChunkEnricher, FetchedProducts, ViabilityRules
+from deals_pipeline.keepa.client import KeepaClient
+from deals_pipeline.keepa.errors import KeepaError
+from deals_pipeline.keepa.models import DEAL_PAGE_SIZE, MAX_DEAL_PAGE, Deal, DealPage, ProductPage
+from deals_pipeline.keepa.query import DealSelection, ProductOptions
+from deals_pipeline.keepa.redact import redact
+from deals_pipeline.storage import Database
+from deals_pipeline.storage.repository import utcnow
+
+log = logging.getLogger(__name__)
+
+ChunkStatus = Literal["done", "already_done", "deferred", "failed"]
+
+
+@dataclass(frozen=True)
+class BackfillSettings:
+    selection: DealSelection
+    product_options: ProductOptions = field(default_factory=ProductOptions)
+    rules: ViabilityRules = field(default_factory=ViabilityRules)
+    chunk_size: int = 4
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk_size <= 100:
+            raise ValueError(f"chunk_size must be 1..100 (a /product request takes at most 100), got {self.chunk_size}")
+
+
+@dataclass(frozen=True)
+class PageSnapshot:
+    page: int
+    fingerprint: str
+    deals: tuple[Deal, ...]
+    is_last: bool
+    total_matches: int
+    chunk_asins: tuple[tuple[str, ...], ...]
+    tokens_consumed: int
+    reused: bool
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunk_asins)
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    page: int
+    chunk_index: int
+    status: ChunkStatus
+    tokens_spent: int = 0
+    deals_stored: int = 0
+    fresh_skipped: int = 0
+    filtered: int = 0
+    fetched_asins: tuple[str, ...] = ()
+    error: str | None = None
+    wait_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class PageSummary:
+    page: int
+    complete: bool
+    is_last: bool
+    chunks_total: int
+    chunks_done: int
+    chunks_failed: int
+    failed_errors: tuple[str, ...]
+    deals_on_page: int
+    tokens_spent: int
+    total_matches: int
+
+    def as_metadata(self) -> dict[str, object]:
+        return {
+            "page": self.page,
+            "complete": self.complete,
+            "is_last_page": self.is_last,
+            "chunks_done": self.chunks_done,
+            "chunks_total": self.chunks_total,
+            "chunks_failed": self.chunks_failed,
+            "deals_on_page": self.deals_on_page,
+            "tokens_spent_page_total": self.tokens_spent,
+            "query_total_matches": self.total_matches,
+        }
+
+
+def page_count_for(total_matches: int) -> int:
+    """Pages a query needs (Keepa serves at most 10,000 deals, pages 0..66)."""
+    return min(MAX_DEAL_PAGE + 1, max(1, math.ceil(min(total_matches, 10_000) / DEAL_PAGE_SIZE)))
+
+
+class PageBackfill:
+    """Backfills deal pages for one selection into the database."""
+
+    def __init__(
+        self,
+        db: Database,
+        client: KeepaClient,
+        budget: TokenBudget,
+        settings: BackfillSettings,
+        *,
+        clock: Clock,
+        source: str,
+    ) -> None:
+        self.db = db
+        self.client = client
+        self.budget = budget
+        self.settings = settings
+        self.clock = clock
+        self.fingerprint = settings.selection.fingerprint()
+        self.price_type = settings.selection.price_types[0]
+        self.enricher = ChunkEnricher(
+            db,
+            client,
+            budget,
+            options=settings.product_options,
+            rules=settings.rules,
+            price_type=self.price_type,
+            domain_id=settings.selection.domain_id,
+            source=source,
+            origin="backfill",
+            priority=Priority.BACKFILL,
+        )
+
+    # -- snapshot -------------------------------------------------------------------------------
+
+    def snapshot(self, page: int, *, deadline_ms: int | None = None) -> PageSnapshot:
+        """The page's deal list: the stored snapshot if there is one, else fetched once (5 tokens)."""
+        stored = self._load_snapshot(page)
+        if stored is not None:
+            return stored
+        selection = self.settings.selection.with_page(page)
+        deal_page, reservation = self.budget.call(
+            lambda: self.client.deals(selection),
+            cost=self.budget.cost_model.predict_deal_page(),
+            purpose="deal_page",
+            priority=Priority.BACKFILL,
+            deadline_ms=deadline_ms,
+            detail=f"page {page}",
+            settle_now=False,
+        )
+        chunks = self._chunk(deal_page.deals)
+        now = utcnow()
+        with self.db.transaction() as con:
+            con.execute(
+                "INSERT INTO page_snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [
+                    page, self.fingerprint, now, deal_page.status.timestamp_ms, deal_page.raw_count,
+                    len(deal_page.deals), len(deal_page.skipped), deal_page.is_last,
+                    [d.asin for d in deal_page.deals], deal_page.status.tokens_consumed,
+                    json.dumps(deal_page.raw, separators=(",", ":")),
+                ],
+            )
+            if chunks:
+                con.executemany(
+                    "INSERT INTO page_chunks (page, selection_fingerprint, chunk_index, asins, status, updated_at) "
+                    "VALUES (?, ?, ?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
+                    [[page, self.fingerprint, i, list(asins), now] for i, asins in enumerate(chunks)],
+                )
+            self.budget.settle(reservation, deal_page.status.tokens_consumed, deal_page.status, con=con)
+        for skipped in deal_page.skipped:
+            log.warning("page %d: skipped deal #%d (%s): %s", page, skipped.index, skipped.asin, skipped.reason)
+        return self._snapshot_from(page, deal_page, chunks, deal_page.status.tokens_consumed, reused=False)
+
+    def _chunk(self, deals: tuple[Deal, ...]) -> list[tuple[str, ...]]:
+        # Dedupe within the page by ASIN (a drifting list can repeat one), keeping the first.
+        seen: set[str] = set()
+        asins = [d.asin for d in deals if not (d.asin in seen or seen.add(d.asin))]
+        size = self.settings.chunk_size
+        return [tuple(asins[i : i + size]) for i in range(0, len(asins), size)]
+
+    def _snapshot_from(self, page: int, deal_page: DealPage, chunks, tokens: int, *, reused: bool) -> PageSnapshot:
+        counts = deal_page.category_counts
+        return PageSnapshot(
+            page=page,
+            fingerprint=self.fingerprint,
+            deals=deal_page.deals,
+            is_last=deal_page.is_last,
+            total_matches=int(sum(counts)) if counts else deal_page.raw_count,
+            chunk_asins=tuple(tuple(c) for c in chunks),
+            tokens_consumed=tokens,
+            reused=reused,
+        )
+
+    def _load_snapshot(self, page: int) -> PageSnapshot | None:
+        with self.db.connect() as con:
+            row = con.execute(
+                "SELECT raw_response, tokens_consumed FROM page_snapshots WHERE page = ? AND selection_fingerprint = ?",
+                [page, self.fingerprint],
+            ).fetchone()
+            if row is None:
+                return None
+            chunk_rows = con.execute(
+                "SELECT asins FROM page_chunks WHERE page = ? AND selection_fingerprint = ? ORDER BY chunk_index",
+                [page, self.fingerprint],
+            ).fetchall()
+        deal_page = DealPage.from_response(json.loads(row[0]), page=page)
+        return self._snapshot_from(page, deal_page, [tuple(r[0]) for r in chunk_rows], int(row[1]), reused=True)
+
+    # -- chunks ---------------------------------------------------------------------------------
+
+    def unfinished_chunks(self, page: int) -> list[int]:
+        with self.db.connect() as con:
+            rows = con.execute(
+                "SELECT chunk_index FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND status <> 'done' "
+                "ORDER BY chunk_index",
+                [page, self.fingerprint],
+            ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def run_chunk(self, snapshot: PageSnapshot, chunk_index: int, *, deadline_ms: int | None = None) -> ChunkOutcome:
+        """Process one chunk exactly once. Never raises for budget or API trouble: the outcome says."""
+        page = snapshot.page
+        with self.db.connect() as con:
+            row = con.execute(
+                "SELECT status FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                [page, self.fingerprint, chunk_index],
+            ).fetchone()
+            staged = con.execute(
+                "SELECT raw_response, tokens_consumed FROM chunk_staging "
+                "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                [page, self.fingerprint, chunk_index],
+            ).fetchone()
+        if row is None:
+            raise ValueError(f"page {page} has no chunk {chunk_index}")
+        if row[0] == "done":
+            return ChunkOutcome(page, chunk_index, "already_done")
+
+        by_asin = {d.asin: d for d in snapshot.deals}
+        deals = [by_asin[a] for a in snapshot.chunk_asins[chunk_index]]
+        plan = self.enricher.plan(deals)
+        detail = f"page {page} chunk {chunk_index}"
+        if staged is not None:
+            # Paid for in an earlier run whose write failed: reuse it instead of paying again.
+            fetched = FetchedProducts(ProductPage.from_response(json.loads(staged[0])), None)
+            tokens = int(staged[1])
+        else:
+            try:
+                fetched = self.enricher.fetch(plan.to_fetch, deadline_ms=deadline_ms, detail=detail)
+            except BudgetDeadline as stop:
+                return ChunkOutcome(page, chunk_index, "deferred", wait_ms=stop.wait_ms)
+            except KeepaError as exc:
+                return self._record_failure(page, chunk_index, exc)
+            tokens = fetched.tokens
+        try:
+            with self.db.transaction() as con:
+                new, updated = self.enricher.commit(con, plan, fetched)
+                con.execute(
+                    "UPDATE page_chunks SET status = 'done', attempts = attempts + 1, tokens_spent = tokens_spent + ?, "
+                    "deals_stored = ?, fresh_skipped = ?, filtered = ?, error = NULL, updated_at = ? "
+                    "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                    [tokens, new + updated, len(plan.fresh), len(plan.filtered), utcnow(), page, self.fingerprint, chunk_index],
+                )
+                con.execute(
+                    "DELETE FROM chunk_staging WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                    [page, self.fingerprint, chunk_index],
+                )
+        except Exception as exc:
+            if fetched.page is not None and staged is None:
+                self._stage(page, chunk_index, fetched)
+            return self._record_failure(page, chunk_index, exc)
+        return ChunkOutcome(
+            page, chunk_index, "done", tokens_spent=tokens, deals_stored=new + updated,
+            fresh_skipped=len(plan.fresh), filtered=len(plan.filtered), fetched_asins=tuple(plan.to_fetch),
+        )
+
+    def _stage(self, page: int, chunk_index: int, fetched: FetchedProducts) -> None:
+        with self.db.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO chunk_staging VALUES (?, ?, ?, ?, ?, ?)",
+                [page, self.fingerprint, chunk_index, json.dumps(fetched.page.raw, separators=(",", ":")),
+                 fetched.tokens, utcnow()],
+            )
+            if fetched.reservation is not None:
+                self.budget.settle(fetched.reservation, fetched.tokens, fetched.status, con=con)
+
+    def _record_failure(self, page: int, chunk_index: int, exc: Exception) -> ChunkOutcome:
+        message = redact(f"{type(exc).__name__}: {exc}")[:500]
+        log.warning("page %d chunk %d failed (will be retried by the next run): %s", page, chunk_index, message)
+        with self.db.transaction() as con:
+            con.execute(
+                "UPDATE page_chunks SET status = 'failed', attempts = attempts + 1, error = ?, updated_at = ? "
+                "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                [message, utcnow(), page, self.fingerprint, chunk_index],
+            )
+        return ChunkOutcome(page, chunk_index, "failed", error=message)
+
+    # -- summary --------------------------------------------------------------------------------
+
+    def summarize(self, snapshot: PageSnapshot) -> PageSummary:
+        page = snapshot.page
+        with self.db.transaction() as con:
+            counts = con.execute(
+                "SELECT count(*), count(*) FILTER (status = 'done'), count(*) FILTER (status = 'failed'), "
+                "coalesce(sum(tokens_spent), 0), list(error) FILTER (status = 'failed') "
+                "FROM page_chunks WHERE page = ? AND selection_fingerprint = ?",
+                [page, self.fingerprint],
+            ).fetchone()
+            total, done, failed, chunk_tokens, errors = counts
+            summary = PageSummary(
+                page=page,
+                complete=int(done) == int(total),
+                is_last=snapshot.is_last,
+                chunks_total=int(total),
+                chunks_done=int(done),
+                chunks_failed=int(failed),
+                failed_errors=tuple(e for e in (errors or []) if e),
+                deals_on_page=len(snapshot.deals),
+                tokens_spent=int(chunk_tokens) + snapshot.tokens_consumed,
+                total_matches=snapshot.total_matches,
+            )
+            con.execute(
+                "INSERT OR REPLACE INTO page_summaries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [page, self.fingerprint, "complete" if summary.complete else "partial", summary.chunks_total,
+                 summary.chunks_done, summary.deals_on_page, summary.is_last, summary.tokens_spent, utcnow()],
+            )
+        return summary
+
+    # -- the whole page, for the CLI runner, tests and benchmarks --------------------------------
+
+    def run_page(
+        self,
+        page: int,
+        *,
+        deadline_ms: int | None = None,
+        on_chunk: Callable[[ChunkOutcome], None] | None = None,
+    ) -> PageSummary:
+        """Snapshot, then every unfinished chunk in order, then the summary. Stops at a budget deadline."""
+        snapshot = self.snapshot(page, deadline_ms=deadline_ms)
+        for chunk_index in self.unfinished_chunks(page):
+            outcome = self.run_chunk(snapshot, chunk_index, deadline_ms=deadline_ms)
+            if on_chunk is not None:
+                on_chunk(outcome)
+            if outcome.status == "deferred":
+                break
+        return self.summarize(snapshot)

@@ -1,0 +1,226 @@
+"""Dagster resources: typed configuration that builds the plain-Python services.
+
+The API key comes from ``EnvVar("KEEPA_API_KEY")``: the UI shows the variable's name, never its
+value. Without a key the pipeline refuses to run unless simulator mode was chosen explicitly
+(``DEALS_PIPELINE_MODE=simulator``, what ``make demo`` sets): it never silently uses the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+from deals_pipeline.backfill.service import BackfillSettings, PageBackfill
+from deals_pipeline.budget import BudgetPolicy, TokenBudget
+from deals_pipeline.clock import Clock, clock_from_env
+from deals_pipeline.config import (
+    DEFAULT_DB_PATH,
+    DEFAULT_SELECTION,
+    DEFAULT_UPSERT_INTERVAL_S,
+    ENV_API_KEY,
+    ENV_MODE,
+    ENV_SIMULATOR_URL,
+)
+from deals_pipeline.enrichment import ViabilityRules
+from deals_pipeline.keepa.client import KeepaClient
+from deals_pipeline.keepa.errors import ConfigError
+from deals_pipeline.keepa.query import DealSelection, ProductOptions
+from deals_pipeline.storage import Database
+from deals_pipeline.upsert.service import RecentDealsUpdater, UpsertSettings
+
+SIMULATOR_KEY = "simulator-demo-key"
+_embedded_lock = threading.Lock()
+_embedded_simulator = None
+
+
+def _embedded_simulator_url(clock: Clock, refill_rate: int) -> str:
+    """One in-process simulator per process, for `dagster asset materialize` without a running one."""
+    global _embedded_simulator
+    with _embedded_lock:
+        if _embedded_simulator is None:
+            from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
+
+            _embedded_simulator = KeepaSimulator(SimulatorConfig(refill_rate=refill_rate), clock=clock)
+            _embedded_simulator.start()
+        return _embedded_simulator.base_url
+
+
+class KeepaResource(dg.ConfigurableResource):
+    """Where Keepa requests go: the real API (a key is set) or the simulator (explicit mode)."""
+
+    api_key: Optional[str] = Field(default=None, description="Keepa access key; set through the KEEPA_API_KEY env var.")
+    mode: str = Field(default="auto", description="'auto' (real API when a key is set), 'keepa' or 'simulator'.")
+    base_url: str = Field(default="https://api.keepa.com", description="Real API base URL.")
+    simulator_url: Optional[str] = Field(default=None, description="A running `deals-pipeline simulator`; unset: embedded.")
+    simulator_refill_rate: int = Field(default=5, description="Refill rate of the embedded simulator (tokens/min).")
+    domain: int = Field(default=1, description="Keepa domain id (1 = amazon.com).")
+    read_timeout_s: float = Field(default=60.0, description="Per-request read timeout.")
+    max_attempts: int = Field(default=4, description="Attempts per request on transient errors (bounded).")
+
+    def resolved_mode(self) -> str:
+        mode = (self.mode or "auto").strip().lower()
+        if mode not in ("auto", "keepa", "simulator"):
+            raise ConfigError(f"Keepa mode must be 'auto', 'keepa' or 'simulator', got {self.mode!r}")
+        if mode == "auto":
+            mode = "keepa" if self.api_key else "none"
+        if mode in ("keepa", "none") and not self.api_key:
+            raise ConfigError(
+                f"No Keepa API key. Set {ENV_API_KEY} to use the real Keepa API, or set "
+                f"{ENV_MODE}=simulator (what `make demo` does) to run against the embedded simulator."
+            )
+        return mode
+
+    def build_client(self, clock: Clock) -> tuple[KeepaClient, str]:
+        """(client, data source name). Raises ConfigError with both options when neither is set."""
+        mode = self.resolved_mode()
+        if mode == "simulator":
+            url = self.simulator_url or _embedded_simulator_url(clock, self.simulator_refill_rate)
+            client = KeepaClient(SIMULATOR_KEY, base_url=url, domain=self.domain, clock=clock,
+                                 timeout_s=(5.0, self.read_timeout_s), max_attempts=self.max_attempts)
+            return client, "simulator"
+        client = KeepaClient(self.api_key or "", base_url=self.base_url, domain=self.domain, clock=clock,
+                             timeout_s=(5.0, self.read_timeout_s), max_attempts=self.max_attempts)
+        return client, "keepa"
+
+    def data_mode(self) -> str:
+        return "simulator" if self.resolved_mode() == "simulator" else "keepa"
+
+
+class DealsDatabaseResource(dg.ConfigurableResource):
+    """The DuckDB file holding deals, progress, watermark and the shared token state."""
+
+    path: str = Field(default=DEFAULT_DB_PATH, description="DuckDB file (DEALS_DB_PATH).")
+    busy_timeout_s: float = Field(default=60.0, description="How long to retry a file locked by another process.")
+
+    def database(self, data_mode: str | None = None) -> Database:
+        return Database(self.path, busy_timeout_s=self.busy_timeout_s, data_mode=data_mode)
+
+
+class TokenBudgetResource(dg.ConfigurableResource):
+    """The one token budget for the key, shared through the database by every process."""
+
+    refill_rate_guess: int = Field(default=5, description="Starting guess; the rate is learned from every response.")
+    threshold: int = Field(default=0, description="Spend while the projected balance is above this.")
+    max_deficit: int = Field(default=60, description="Deepest planned negative balance.")
+    burst_level: int = Field(default=80, description="Low-rate plans (<10/min) recharge to this before spending again.")
+    upsert_reserve: int = Field(default=40, description="Tokens the backfill leaves for the upserter's next chunk.")
+    run_budget_minutes: float = Field(default=120.0, description="A run stops cleanly when tokens would arrive later.")
+
+    def policy(self) -> BudgetPolicy:
+        if self.refill_rate_guess <= 0:
+            raise ConfigError(f"refill_rate_guess must be > 0 tokens/min, got {self.refill_rate_guess}")
+        if self.run_budget_minutes <= 0:
+            raise ConfigError(f"run_budget_minutes must be > 0, got {self.run_budget_minutes}")
+        return BudgetPolicy(
+            initial_refill_rate=self.refill_rate_guess,
+            threshold=self.threshold,
+            max_deficit=self.max_deficit,
+            burst_level=self.burst_level,
+            upsert_reserve=self.upsert_reserve,
+        )
+
+    def budget(self, db: Database, clock: Clock, owner: str) -> TokenBudget:
+        return TokenBudget(db, clock, self.policy(), owner=owner)
+
+    def deadline_ms(self, clock: Clock) -> int:
+        return clock.now_ms() + int(self.run_budget_minutes * 60_000)
+
+
+class DealQueryResource(dg.ConfigurableResource):
+    """What to collect and how to enrich it."""
+
+    selection_json: str = Field(default=json.dumps(DEFAULT_SELECTION), description="Keepa deal selection (queryJSON).")
+    chunk_size: int = Field(default=4, description="Deals per chunk: one /product call and one commit.")
+    offers: Optional[int] = Field(default=20, description="/product offers (20..100) or null for no offers.")
+    stats_days: Optional[int] = Field(default=90, description="/product stats window in days.")
+    rating: bool = Field(default=True, description="/product rating=1.")
+    min_delta_percent: Optional[int] = Field(default=None, description="Viability: minimum 90-day % drop.")
+    max_sales_rank: Optional[int] = Field(default=None, description="Viability: maximum sales rank.")
+    min_price: Optional[int] = Field(default=None, description="Viability: minimum current price (cents).")
+    upsert_sizing_mode: str = Field(default="default", description="'default' (20 below 20/min, else 200) or 'derived'.")
+    upsert_interval_s: int = Field(default=DEFAULT_UPSERT_INTERVAL_S, description="Seconds between upsert sensor ticks.")
+
+    def selection(self) -> DealSelection:
+        try:
+            raw = json.loads(self.selection_json)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"selection_json is not valid JSON: {exc}") from None
+        return DealSelection.from_mapping(raw)
+
+    def product_options(self) -> ProductOptions:
+        return ProductOptions(stats=self.stats_days, offers=self.offers, rating=self.rating)
+
+    def rules(self) -> ViabilityRules:
+        return ViabilityRules(min_delta_percent=self.min_delta_percent, max_sales_rank=self.max_sales_rank,
+                              min_price=self.min_price)
+
+    def backfill_settings(self) -> BackfillSettings:
+        return BackfillSettings(selection=self.selection(), product_options=self.product_options(),
+                                rules=self.rules(), chunk_size=self.chunk_size)
+
+    def upsert_settings(self) -> UpsertSettings:
+        newest_first = DealSelection.from_mapping({**self.selection().to_json(), "sortType": 1})
+        return UpsertSettings(selection=newest_first, product_options=self.product_options(), rules=self.rules(),
+                              chunk_size=self.chunk_size, sizing_mode=self.upsert_sizing_mode,
+                              interval_s=self.upsert_interval_s)
+
+
+@dataclass
+class Runtime:
+    """The services one run uses, built from the resources."""
+
+    db: Database
+    client: KeepaClient
+    budget: TokenBudget
+    clock: Clock
+    source: str
+    deadline_ms: int
+
+    def page_backfill(self, query: DealQueryResource) -> PageBackfill:
+        return PageBackfill(self.db, self.client, self.budget, query.backfill_settings(), clock=self.clock,
+                            source=self.source)
+
+    def recent_deals(self, query: DealQueryResource) -> RecentDealsUpdater:
+        return RecentDealsUpdater(self.db, self.client, self.budget, query.upsert_settings(), clock=self.clock,
+                                  source=self.source)
+
+
+def build_runtime(
+    keepa: KeepaResource,
+    database: DealsDatabaseResource,
+    token_budget: TokenBudgetResource,
+    *,
+    owner: str,
+    clock: Clock | None = None,
+) -> Runtime:
+    clock = clock or clock_from_env()
+    client, source = keepa.build_client(clock)
+    db = database.database(data_mode=source)
+    budget = token_budget.budget(db, clock, owner)
+    client.on_status = budget.observe
+    return Runtime(db=db, client=client, budget=budget, clock=clock, source=source,
+                   deadline_ms=token_budget.deadline_ms(clock))
+
+
+def default_resources() -> dict[str, dg.ConfigurableResource]:
+    """Resources for `definitions.py`: secrets and paths from the environment."""
+    return {
+        "keepa": KeepaResource(
+            api_key=dg.EnvVar(ENV_API_KEY) if os.environ.get(ENV_API_KEY) else None,
+            mode=os.environ.get(ENV_MODE, "auto"),
+            simulator_url=os.environ.get(ENV_SIMULATOR_URL) or None,
+            base_url=os.environ.get("KEEPA_API_BASE_URL", "https://api.keepa.com"),
+            domain=int(os.environ.get("KEEPA_DOMAIN", "1")),
+        ),
+        "database": DealsDatabaseResource(path=os.environ.get("DEALS_DB_PATH", DEFAULT_DB_PATH)),
+        "token_budget": TokenBudgetResource(),
+        "query": DealQueryResource(
+            upsert_interval_s=int(os.environ.get("DEALS_UPSERT_INTERVAL_S", DEFAULT_UPSERT_INTERVAL_S))
+        ),
+    }

@@ -1,0 +1,1 @@
+"""Upsert: keep the newest deals fresh, batch sized from the learned refill rate."""
