@@ -106,4 +106,8 @@ def clock_from_env(environ: dict[str, str] | None = None) -> Clock:
     if not raw_scale or float(raw_scale) == 1.0:
         return SystemClock()
     raw_anchor = env.get(TIME_ANCHOR_ENV, "").strip()
-    return ScaledClock(float(raw_scale), float(raw_anchor) if raw_anchor else None)
+    clock = ScaledClock(float(raw_scale), float(raw_anchor) if raw_anchor else None)
+    if not raw_anchor and environ is None:
+        # Pin the anchor so every later clock of this process (and its children) reads the same time.
+        os.environ[TIME_ANCHOR_ENV] = repr(clock.anchor_wall_s)
+    return clock

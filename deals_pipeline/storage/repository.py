@@ -174,7 +174,9 @@ class StoredDeal:
         """True when this row already holds the deal at (or after) that version: nothing to pay for."""
         if self.last_update_minute < last_update_minute:
             return False
-        return self.viability == "filtered" or self.enriched_minute is not None
+        if self.viability == "filtered":
+            return True
+        return self.enriched_minute is not None and self.enriched_minute >= last_update_minute
 
 
 def stored_deals(con: duckdb.DuckDBPyConnection, asins: Sequence[str]) -> dict[str, StoredDeal]:

@@ -134,15 +134,19 @@ MIGRATIONS: list[str] = [
         priority INTEGER NOT NULL,
         detail VARCHAR,
         predicted INTEGER NOT NULL,
-        actual INTEGER,
-        state VARCHAR NOT NULL              -- 'reserved', 'settled', 'released'
+        actual INTEGER,                     -- tokensConsumed of the response (written when it arrives)
+        state VARCHAR NOT NULL,             -- 'reserved', 'settled', 'released', 'failed' (no envelope)
+        server_ts_ms BIGINT,                -- envelope timestamp that charged it; set => in the server status
+        units INTEGER,                      -- ASINs (or pages) the request covered; cost calibration
+        cost_key VARCHAR                    -- cost-model key (e.g. 'product|offers=20|rating'); calibration
     );
 
     -- Shared budget flags (one row), e.g. the low-rate recharge mode.
     CREATE TABLE IF NOT EXISTS budget_state (
         id INTEGER PRIMARY KEY,
         recharging BOOLEAN NOT NULL,
-        since_ms BIGINT NOT NULL
+        since_ms BIGINT NOT NULL,
+        sync_requested_ms BIGINT            -- a response came without envelope: state unknown until a newer one
     );
 
     -- Upsert watermark: (last_update_minute, asin) of the newest deal committed in order.
