@@ -29,7 +29,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, NoReturn, Sequence, TypeVar
 
 import requests
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
@@ -53,7 +53,7 @@ from deals_pipeline.keepa.query import (
     DealSelection,
     ProductOptions,
 )
-from deals_pipeline.keepa.redact import RedactingFilter, Secret, install_urllib3_redaction, redact
+from deals_pipeline.keepa.redact import Secret, install_urllib3_redaction, redact
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +324,8 @@ class KeepaClient:
             kind, text = failure
             self.stats._inc("transient", kind)
             raise TransientKeepaError(f"{where}: {kind}: {text}")
-        assert response is not None
+        if response is None:  # pragma: no cover - _send returns exactly one of the two
+            raise TransientKeepaError(f"{where}: no response")
         elapsed_ms = (time.monotonic() - started) * 1000
         code = response.status_code
         body_bytes = response.content or b""
@@ -333,7 +334,7 @@ class KeepaClient:
         logger.debug(
             "%s attempt %d: HTTP %d, %d bytes in %.0f ms, tokensLeft=%s consumed=%s",
             where, attempt_no, code, len(body_bytes), elapsed_ms,
-            status.tokens_left if status else "?", status.tokens_consumed if status else "?",
+            status.tokens_left if status is not None else "?", status.tokens_consumed if status is not None else "?",
         )
         if status is not None:
             self._publish(endpoint, status)
@@ -370,9 +371,8 @@ class KeepaClient:
             raise TransientKeepaError(f"{reason}: {self._snippet(body_bytes)}", http_status=code, status=status)
         # 400 (bad parameters or key), 404, 405 and anything else unexpected: not retried.
         self._fail(RequestRejected(f"{reason}: {self._snippet(body_bytes)}", http_status=code, status=status), status)
-        raise AssertionError("unreachable")
 
-    def _fail(self, err: KeepaError, status: TokenStatus | None) -> None:
+    def _fail(self, err: KeepaError, status: TokenStatus | None) -> NoReturn:
         if status is not None and err.status is None:
             err.status = status
         self.stats._inc("errors", type(err).__name__)
@@ -421,4 +421,4 @@ def _envelope_or_none(body: Any) -> TokenStatus | None:
         return None
 
 
-__all__ = ["ClientStats", "KeepaClient", "RedactingFilter", "DEFAULT_BASE_URL"]
+__all__ = ["ClientStats", "KeepaClient", "DEFAULT_BASE_URL", "ENV_API_KEY", "ENV_BASE_URL", "ENV_DOMAIN"]
