@@ -1,0 +1,803 @@
+"""A deterministic synthetic deal list and product database shaped like Keepa's (KEEPA_API.md §4, §5).
+
+Everything derives from ``seed`` and the simulator start time:
+
+* the initial catalog (``catalog_size`` deals, ``lastUpdate`` spread over the 22 h before the start);
+* optional *drift*: per simulated minute slot ``i`` since the start, ``random.Random(f"{seed}:drift:{i}")``
+  decides how many new deals arrive and how many existing deals are refreshed (new ``lastUpdate``, new
+  prices), and at which instant inside the slot each event becomes visible. Events are applied lazily, in
+  time order, when a request reads the catalog, so the state at time ``t`` does not depend on when, or how
+  often, the catalog was read before ``t``;
+* products for ``/product``, built from the ASIN (and the current deal, when the ASIN is in the catalog).
+
+Deal dicts are never mutated after creation (an update replaces the dict), so callers may serialize them
+outside the catalog lock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, NamedTuple
+
+from deals_pipeline.keepa.keepa_time import unix_ms_to_keepa_minute
+
+#: Deals per /deal page, and the most a query yields (pages 0..66).
+PAGE_SIZE = 150
+MAX_RESULTS = 10_000
+MAX_PAGE = (MAX_RESULTS - 1) // PAGE_SIZE  # 66
+#: Price types (and csv indices) in every deal array.
+N_TYPES = 34
+#: Date intervals of avg/delta/deltaPercent: day, week, month, 90 days.
+N_INTERVALS = 4
+#: priceTypes accepted by /deal (KEEPA_API.md §4.1).
+DEAL_PRICE_TYPES = frozenset({0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 18, 19, 20, 21, 22, 32, 33})
+UNKNOWN_ROOT = 9223372036854775807
+#: Observed: lastUpdate up to 1,340 min before the response timestamp.
+INITIAL_SPREAD_MIN = 1_340
+
+#: (id, name, weight). Taken from the categoryIds/categoryNames of the real samples; Books dominates.
+ROOT_CATEGORIES: tuple[tuple[int, str, float], ...] = (
+    (283155, "Books", 70.0),
+    (5174, "CDs & Vinyl", 6.0),
+    (2625373011, "Movies & TV", 5.0),
+    (1055398, "Home & Kitchen", 2.0),
+    (172282, "Electronics", 1.5),
+    (228013, "Tools & Home Improvement", 1.5),
+    (7141123011, "Clothing, Shoes & Jewelry", 1.5),
+    (1064954, "Office Products", 1.0),
+    (15684181, "Automotive", 1.0),
+    (3375251, "Sports & Outdoors", 1.0),
+    (468642, "Video Games", 1.0),
+    (2972638011, "Patio, Lawn & Garden", 0.8),
+    (16310091, "Industrial & Scientific", 0.5),
+    (2335752011, "Cell Phones & Accessories", 0.5),
+    (3760901, "Health & Household", 0.5),
+    (165793011, "Toys & Games", 0.5),
+    (2617941011, "Arts, Crafts & Sewing", 0.5),
+    (11091801, "Musical Instruments", 0.4),
+    (3760911, "Beauty & Personal Care", 0.4),
+    (2619533011, "Pet Supplies", 0.3),
+    (2619525011, "Appliances", 0.3),
+    (16310101, "Grocery & Gourmet Food", 0.3),
+    (165796011, "Baby Products", 0.2),
+    (UNKNOWN_ROOT, "?", 0.3),
+)
+_ROOT_NAMES = {cid: name for cid, name, _ in ROOT_CATEGORIES}
+_ROOT_IDS = [cid for cid, _, _ in ROOT_CATEGORIES]
+_ROOT_WEIGHTS = [w for _, _, w in ROOT_CATEGORIES]
+
+_WORDS = (
+    "history art garden river night city dream light shadow secret journey kitchen science music ocean "
+    "mountain winter summer empire letters stone silver golden practical guide complete modern ancient "
+    "hidden little great last first american english french world war peace love death life mind heart "
+    "spirit field handbook manual collection stories poems essays volume edition studies theory method"
+).split()
+_SUBTITLES = (
+    "A Novel", "A Memoir", "Second Edition", "The Complete Guide", "Selected Essays", "A History",
+    "Book 1", "Volume 2", "Revised and Updated", "Illustrated Edition",
+)
+_ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_IMG_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_WAREHOUSE_COMMENTS = (
+    "Item will come in original packaging. Packaging will be damaged.",
+    "Minor cosmetic imperfection on top of item.",
+    "Cover has light wear; pages clean.",
+)
+_CONDITION_COMMENTS = (
+    "Book is in Used-Good condition. Pages and cover are clean and intact.",
+    "Used - Very Good. Minimal wear.",
+    "Acceptable: heavy wear, all pages present.",
+    None,
+)
+#: csv types whose entries are triples (minute, price, shipping).
+SHIPPING_TYPES = frozenset({7, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 32})
+#: Count/rating types (not prices): their averages barely move.
+_COUNT_TYPES = frozenset({11, 12, 13, 14, 15, 16, 17})
+_MINUS2_AVG = frozenset({6, 27, 33})
+
+
+class DealVersion(NamedTuple):
+    """One version of a deal ever generated: when it became visible and with which ``lastUpdate``."""
+
+    asin: str
+    last_update: int  # Keepa minute
+    visible_from_ms: int
+
+
+@dataclass(frozen=True)
+class ProductRequest:
+    """Validated /product options relevant to content and cost."""
+
+    offers: int | None = None  # 20..100 or None
+    only_live_offers: bool = False
+    rating: bool = False
+    buybox: bool = False
+    stock: bool = False
+    stats: str | None = None
+    history: bool = True
+    days: int | None = None
+
+
+def _rng(*parts: Any) -> random.Random:
+    """A stable RNG for a tuple of parts (str seeding is hashed with SHA-512, stable across runs)."""
+    return random.Random(":".join(str(p) for p in parts))
+
+
+def _isbn10(rng: random.Random) -> str:
+    digits = [rng.randrange(10) for _ in range(9)]
+    check = sum((10 - i) * d for i, d in enumerate(digits)) % 11
+    check = (11 - check) % 11
+    return "".join(map(str, digits)) + ("X" if check == 10 else str(check))
+
+
+def _isbn13(isbn10: str) -> str:
+    body = "978" + isbn10[:9]
+    check = (10 - sum((1 if i % 2 == 0 else 3) * int(c) for i, c in enumerate(body)) % 10) % 10
+    return body + str(check)
+
+
+def make_asin(rng: random.Random) -> str:
+    """A plausible ASIN: an ISBN-10 (books) or ``B0`` + 8 alphanumerics."""
+    if rng.random() < 0.6:
+        return _isbn10(rng)
+    return "B0" + "".join(rng.choice(_ALNUM) for _ in range(8))
+
+
+def _title(rng: random.Random) -> str:
+    n = rng.randint(2, 7)
+    words = [rng.choice(_WORDS) for _ in range(n)]
+    title = " ".join(w.capitalize() if i == 0 or rng.random() < 0.7 else w for i, w in enumerate(words))
+    if rng.random() < 0.4:
+        title += ": " + rng.choice(_SUBTITLES)
+    r = rng.random()
+    if r < 0.03:  # HTML markup "in rare cases"
+        parts = title.split(" ", 1)
+        title = f"<b>{parts[0]}</b>" + (" " + parts[1] if len(parts) > 1 else "")
+    elif r < 0.05:
+        title = title.replace(" ", " &amp; ", 1)
+    elif r < 0.06:
+        title = f"{title} <i>(Paperback)</i>"
+    return title
+
+
+def _image(rng: random.Random) -> list[int]:
+    name = str(rng.randint(1, 9)) + "".join(rng.choice(_IMG_CHARS) for _ in range(10)) + ".jpg"
+    return [ord(c) for c in name]
+
+
+class _Static(NamedTuple):
+    """The part of a deal that never changes across versions."""
+
+    asin: str
+    title: str
+    categories: list[int]
+    root_cat: int
+    image: list[int]
+    creation_date: int
+    warehouse_condition: int
+    warehouse_comment: str | None
+
+
+def _make_static(asin: str, seed: int, creation_date: int) -> _Static:
+    rng = _rng(seed, "static", asin)
+    root = rng.choices(_ROOT_IDS, weights=_ROOT_WEIGHTS)[0]
+    cats = sorted({rng.choice((rng.randint(1_000, 30_000), rng.randint(1_000_000_000, 20_000_000_000)))
+                   for _ in range(rng.randint(1, 4))})
+    wc = 0
+    comment = None
+    if rng.random() < 0.03:
+        wc = rng.choice((2, 2, 3, 4, 5))
+        if rng.random() < 0.8:
+            comment = rng.choice(_WAREHOUSE_COMMENTS)
+    return _Static(asin, _title(rng), cats, root, _image(rng), creation_date, wc, comment)
+
+
+def _prices(rng: random.Random, wc: int) -> list[int]:
+    """``current``: 34 ints, -1 where there is no offer, -2 sometimes at RENT (31) as in real data."""
+    cur = [-1] * N_TYPES
+    used = rng.randint(199, 30_000)
+    new = used + rng.randint(0, 25_000) if rng.random() < 0.75 else -1
+    cur[0] = new + rng.randint(-200, 500) if new > 0 and rng.random() < 0.3 else -1  # AMAZON
+    cur[1] = new
+    cur[2] = used
+    cur[3] = rng.randint(5_000, 3_000_000)  # sales rank
+    cur[4] = max(used, new) + rng.randint(0, 5_000) if rng.random() < 0.97 else -1  # LISTPRICE
+    cur[5] = used + rng.randint(100, 9_000) if rng.random() < 0.25 else -1  # COLLECTIBLE
+    cur[7] = new + 399 if new > 0 else -1  # NEW_FBM_SHIPPING
+    cur[9] = int(used * 0.9) if wc else -1  # WAREHOUSE
+    cur[10] = new + rng.randint(0, 900) if new > 0 and rng.random() < 0.25 else -1  # NEW_FBA
+    cur[11] = rng.randint(1, 40) if new > 0 else -1  # COUNT_NEW
+    cur[12] = rng.randint(1, 60)  # COUNT_USED
+    cur[14] = rng.randint(1, 5) if cur[5] > 0 else -1  # COUNT_COLLECTIBLE
+    cur[15] = rng.randint(0, 30) if rng.random() < 0.998 else -2  # EXTRA_INFO_UPDATES
+    cur[16] = rng.randint(10, 50)  # RATING
+    cur[17] = rng.randint(1, 20_000)  # COUNT_REVIEWS
+    cur[18] = cur[7] if rng.random() < 0.5 else -1  # BUY_BOX_SHIPPING
+    for i in (19, 20, 21, 22):  # USED_*_SHIPPING
+        cur[i] = used + rng.randint(0, 3_000) if rng.random() < 0.6 else -1
+    cur[21] = cur[21] if cur[21] > 0 else used + 399
+    for i in (23, 24, 25, 26):  # COLLECTIBLE_*_SHIPPING
+        cur[i] = cur[5] + 399 if cur[5] > 0 and rng.random() < 0.4 else -1
+    cur[28] = used + rng.randint(0, 2_000) if rng.random() < 0.2 else -1  # EBAY_NEW_SHIPPING
+    cur[29] = used + rng.randint(0, 2_000) if rng.random() < 0.3 else -1  # EBAY_USED_SHIPPING
+    cur[31] = -2 if rng.random() < 0.18 else -1  # RENT
+    cur[32] = used + 399 if rng.random() < 0.8 else -1  # BUY_BOX_USED_SHIPPING
+    return cur
+
+
+def _make_deal(static: _Static, seed: int, version: int, last_update: int) -> dict[str, Any]:
+    """A complete deal object (KEEPA_API.md §4.5) for one version of an ASIN."""
+    rng = _rng(seed, "deal", static.asin, version)
+    cur = _prices(rng, static.warehouse_condition)
+    # Fractional drop of the average versus current per interval, growing with the interval length.
+    base_drop = rng.uniform(-0.3, 0.9)
+    rnd = rng.random
+    avg: list[list[int]] = []
+    delta: list[list[int]] = []
+    pct: list[list[int]] = []
+    for r in range(N_INTERVALS):
+        factor = 0.25 + 0.25 * r
+        a_row, d_row, p_row = [], [], []
+        for i in range(N_TYPES):
+            c = cur[i]
+            if i in _MINUS2_AVG:
+                a = -2  # as in every real deal: -2 in avg at REFURBISHED, REFURBISHED_SHIPPING, PRIME_EXCL
+            elif c < 0:
+                a = -1 if rnd() < 0.85 else 500 + int(rnd() * 19_500)
+            elif i in _COUNT_TYPES:
+                a = max(0, c + int(rnd() * 7) - 3)
+            else:
+                drop = base_drop * factor + (rnd() - 0.5) * 0.1
+                drop = 0.95 if drop > 0.95 else (-1.5 if drop < -1.5 else drop)
+                a = max(1, round(c / (1.0 - drop)))
+            a_row.append(a)
+            if c >= 0 and a > 0:
+                d = a - c  # observed sign: avg - current (positive for a price drop)
+                d_row.append(d)
+                p_row.append(round(d * 100 / a))
+            else:
+                d_row.append(0)
+                p_row.append(0)
+        avg.append(a_row)
+        delta.append(d_row)
+        pct.append(p_row)
+    delta_last = [0] * N_TYPES
+    for i in (1, 2, 3, 12):
+        if cur[i] > 0 and rng.random() < 0.3:
+            delta_last[i] = rng.randint(-cur[i] // 4, cur[i] // 4)
+    current_since = [
+        (last_update - int(rnd() * 300_000) if c >= 0 else (-1 if rnd() < 0.8 else 4_000_000 + int(rnd() * 3_000_000)))
+        for c in cur
+    ]
+    back_in_stock = [False] * N_TYPES
+    if rng.random() < 0.02:
+        back_in_stock[rng.choice((1, 2))] = True
+    d30 = rng.randint(0, 30)
+    d90 = d30 + rng.randint(0, 40)
+    d180 = d90 + rng.randint(0, 60)
+    d365 = d180 + rng.randint(0, 100)
+    deal: dict[str, Any] = {
+        "asin": static.asin,
+        "title": static.title,
+        "current": cur,
+        "avg": avg,
+        "delta": delta,
+        "deltaPercent": pct,
+        "deltaLast": delta_last,
+        "currentSince": current_since,
+        "backInStock": back_in_stock,
+        "categories": list(static.categories),
+        "rootCat": static.root_cat,
+        "creationDate": static.creation_date,
+        "lastUpdate": last_update,
+        "lightningStart": 0,
+        "lightningEnd": 0,
+        "image": list(static.image),
+        "warehouseCondition": static.warehouse_condition,
+        "salesRankDrops30": d30,
+        "salesRankDrops90": d90,
+        "salesRankDrops180": d180,
+        "salesRankDrops365": d365,
+        "dateIntervalIndex": 0,
+    }
+    if static.warehouse_comment is not None:
+        deal["warehouseConditionComment"] = static.warehouse_comment
+    return deal
+
+
+#: Initial catalogs are pure functions of (seed, size, start_ms): memoize small ones (tests build many).
+_INITIAL_CACHE: dict[tuple[int, int, int], tuple[Any, ...]] = {}
+_INITIAL_LOCK = threading.Lock()
+_INITIAL_CACHE_MAX_SIZE = 2_000
+
+
+def _sort_key_fn(sort_type: int, date_range: int, price_type: int):
+    """Key for the natural (non-inverted) order of ``abs(sort_type)``; ties break by ASIN."""
+    st = abs(sort_type)
+    if st == 1:  # deal age: newest lastUpdate first
+        return lambda d: (-d["lastUpdate"], d["asin"])
+    if st == 2:  # absolute delta, highest first
+        return lambda d: (-d["delta"][date_range][price_type], d["asin"])
+    if st == 3:  # sales rank, lowest first; no rank (-1/-2) last
+        return lambda d: (d["current"][3] if d["current"][3] >= 0 else math.inf, d["asin"])
+    if st == 4:  # percentage delta, highest first
+        return lambda d: (-d["deltaPercent"][date_range][price_type], d["asin"])
+    raise ValueError(f"unsupported sortType {sort_type}")
+
+
+class SyntheticCatalog:
+    """Seeded deal list with optional drift; thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        seed: int = 7,
+        size: int = 800,
+        start_ms: int,
+        drift_new_per_hour: float = 0.0,
+        drift_updates_per_hour: float = 0.0,
+        offers_pages_max: int = 2,
+        future_minute_fraction: float = 0.005,
+    ) -> None:
+        if size < 0:
+            raise ValueError("catalog size must be >= 0")
+        if drift_new_per_hour < 0 or drift_updates_per_hour < 0:
+            raise ValueError("drift rates must be >= 0")
+        if offers_pages_max < 1:
+            raise ValueError("offers_pages_max must be >= 1")
+        self.seed = int(seed)
+        self.start_ms = int(start_ms)
+        self.drift_new_per_hour = float(drift_new_per_hour)
+        self.drift_updates_per_hour = float(drift_updates_per_hour)
+        self.offers_pages_max = int(offers_pages_max)
+        self.future_minute_fraction = float(future_minute_fraction)
+        self._lock = threading.RLock()
+        self._statics: dict[str, _Static] = {}
+        self._deals: dict[str, dict[str, Any]] = {}
+        self._version_no: dict[str, int] = {}
+        self._versions: list[DealVersion] = []
+        self._asin_order: list[str] = []  # insertion order, for uniform picks
+        self._generation = 0  # bumps on every change; keys the sort cache
+        self._sort_cache: dict[tuple[int, int, int], tuple[int, list[dict[str, Any]]]] = {}
+        self._cat_cache: tuple[int, dict[str, list[Any]]] | None = None
+        # Drift state: minute slots generated so far, and events not yet visible.
+        self._slots_generated = 0
+        self._pending: list[tuple[int, int, str, int]] = []  # (t_ms, seq, kind, event_seed)
+        self._seq = 0
+        self._now_applied = self.start_ms
+        self._build_initial(size)
+
+    # -- construction ------------------------------------------------------------------------
+    def _new_asin(self, rng: random.Random) -> str:
+        while True:
+            asin = make_asin(rng)
+            if asin not in self._statics:
+                return asin
+
+    def _add_version(self, asin: str, last_update: int, visible_from_ms: int, creation: int | None = None) -> None:
+        static = self._statics.get(asin)
+        if static is None:
+            static = _make_static(asin, self.seed, creation if creation is not None else last_update)
+            self._statics[asin] = static
+            self._asin_order.append(asin)
+        version = self._version_no.get(asin, -1) + 1
+        self._version_no[asin] = version
+        self._deals[asin] = _make_deal(static, self.seed, version, last_update)
+        self._versions.append(DealVersion(asin, last_update, visible_from_ms))
+        self._generation += 1
+
+    def _build_initial(self, size: int) -> None:
+        cache_key = (self.seed, size, self.start_ms)
+        with _INITIAL_LOCK:
+            cached = _INITIAL_CACHE.get(cache_key)
+        if cached is not None:
+            statics, deals, version_no, versions, order = cached
+            self._statics, self._deals, self._version_no = dict(statics), dict(deals), dict(version_no)
+            self._versions, self._asin_order = list(versions), list(order)
+            self._generation += 1
+            return
+        rng = _rng(self.seed, "catalog")
+        start_min = unix_ms_to_keepa_minute(self.start_ms)
+        for _ in range(size):
+            asin = self._new_asin(rng)
+            last_update = start_min - rng.randint(0, INITIAL_SPREAD_MIN)
+            if rng.random() < 0.007:  # observed: a few deals have lastUpdate < creationDate
+                creation = last_update + rng.randint(1, 120)
+            else:
+                creation = last_update - rng.randint(0, 4_000)
+            self._add_version(asin, last_update, self.start_ms, creation=creation)
+        if size <= _INITIAL_CACHE_MAX_SIZE:
+            # Deal dicts and statics are immutable by convention, so instances can share them.
+            snapshot = (
+                dict(self._statics), dict(self._deals), dict(self._version_no), list(self._versions),
+                list(self._asin_order),
+            )
+            with _INITIAL_LOCK:
+                _INITIAL_CACHE[cache_key] = snapshot
+                while len(_INITIAL_CACHE) > 8:
+                    _INITIAL_CACHE.pop(next(iter(_INITIAL_CACHE)))
+
+    # -- drift -------------------------------------------------------------------------------
+    @property
+    def drifting(self) -> bool:
+        return self.drift_new_per_hour > 0 or self.drift_updates_per_hour > 0
+
+    @staticmethod
+    def _count(rng: random.Random, per_minute: float) -> int:
+        whole = int(per_minute)
+        return whole + (1 if rng.random() < per_minute - whole else 0)
+
+    def _generate_slot(self, i: int) -> None:
+        rng = _rng(self.seed, "drift", i)
+        slot_start = self.start_ms + i * 60_000
+        events: list[tuple[int, str, int]] = []
+        for _ in range(self._count(rng, self.drift_new_per_hour / 60.0)):
+            events.append((slot_start + rng.randrange(60_000), "new", rng.getrandbits(64)))
+        for _ in range(self._count(rng, self.drift_updates_per_hour / 60.0)):
+            events.append((slot_start + rng.randrange(60_000), "update", rng.getrandbits(64)))
+        events.sort()
+        for t, kind, ev_seed in events:
+            if t <= self.start_ms:  # slot 0 starts at the start instant: nothing is visible *at* it
+                t = self.start_ms + 1
+            heapq.heappush(self._pending, (t, self._seq, kind, ev_seed))
+            self._seq += 1
+
+    def _apply(self, t: int, kind: str, ev_seed: int) -> None:
+        rng = random.Random(ev_seed)
+        minute = unix_ms_to_keepa_minute(t)
+        if rng.random() < self.future_minute_fraction:
+            minute += 1  # observed: lastUpdate up to 1 min ahead of the server timestamp
+        if kind == "new" or not self._asin_order:
+            asin = self._new_asin(rng)
+            self._add_version(asin, minute, t, creation=unix_ms_to_keepa_minute(t))
+        else:
+            asin = self._asin_order[rng.randrange(len(self._asin_order))]
+            # lastUpdate never goes back in time for an ASIN.
+            minute = max(minute, self._deals[asin]["lastUpdate"])
+            self._add_version(asin, minute, t)
+
+    def advance_to(self, now_ms: int) -> None:
+        """Make every drift event with a visible time <= ``now_ms`` visible."""
+        with self._lock:
+            if not self.drifting or now_ms <= self._now_applied:
+                return
+            last_slot = (now_ms - self.start_ms) // 60_000
+            while self._slots_generated <= last_slot:
+                self._generate_slot(self._slots_generated)
+                self._slots_generated += 1
+            while self._pending and self._pending[0][0] <= now_ms:
+                t, _, kind, ev_seed = heapq.heappop(self._pending)
+                self._apply(t, kind, ev_seed)
+            self._now_applied = now_ms
+
+    # -- queries -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._deals)
+
+    def ordered(self, sort_type: int, date_range: int, price_type: int, now_ms: int | None = None) -> list[dict[str, Any]]:
+        """All current deals in ``sort_type`` order (negative inverts). Not capped at 10,000."""
+        with self._lock:
+            if now_ms is not None:
+                self.advance_to(now_ms)
+            key = (sort_type, date_range, price_type)
+            cached = self._sort_cache.get(key)
+            if cached is not None and cached[0] == self._generation:
+                return cached[1]
+            ordered = sorted(self._deals.values(), key=_sort_key_fn(sort_type, date_range, price_type))
+            if sort_type < 0:
+                ordered.reverse()
+            if len(self._sort_cache) > 32:
+                self._sort_cache.clear()
+            self._sort_cache[key] = (self._generation, ordered)
+            return ordered
+
+    def page(
+        self, page: int, *, sort_type: int = 1, date_range: int = 0, price_type: int = 0, now_ms: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The deals of one page: at most 150, only within the first 10,000 results."""
+        if not 0 <= page <= MAX_PAGE:
+            raise ValueError(f"page must be in 0..{MAX_PAGE}")
+        ordered = self.ordered(sort_type, date_range, price_type, now_ms)
+        visible = ordered[:MAX_RESULTS]
+        return visible[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
+
+    def visible_count(self, now_ms: int | None = None) -> int:
+        with self._lock:
+            if now_ms is not None:
+                self.advance_to(now_ms)
+            return min(MAX_RESULTS, len(self._deals))
+
+    def category_summary(self, now_ms: int | None = None) -> dict[str, list[Any]]:
+        """``categoryIds`` / ``categoryNames`` / ``categoryCount`` over all matching deals' root categories."""
+        with self._lock:
+            if now_ms is not None:
+                self.advance_to(now_ms)
+            if self._cat_cache is not None and self._cat_cache[0] == self._generation:
+                return self._cat_cache[1]
+            counts: dict[int, int] = {}
+            for d in self._deals.values():
+                counts[d["rootCat"]] = counts.get(d["rootCat"], 0) + 1
+            ids = [cid for cid in _ROOT_IDS if cid in counts]
+            summary = {
+                "categoryIds": ids,
+                "categoryNames": [_ROOT_NAMES[c] for c in ids],
+                "categoryCount": [counts[c] for c in ids],
+            }
+            self._cat_cache = (self._generation, summary)
+            return summary
+
+    def deal(self, asin: str, now_ms: int | None = None) -> dict[str, Any] | None:
+        """The current version of one deal, or None."""
+        with self._lock:
+            if now_ms is not None:
+                self.advance_to(now_ms)
+            return self._deals.get(asin)
+
+    def asins(self, now_ms: int | None = None) -> list[str]:
+        with self._lock:
+            if now_ms is not None:
+                self.advance_to(now_ms)
+            return list(self._asin_order)
+
+    def newest(self, n: int, now_ms: int) -> list[dict[str, Any]]:
+        """The ``n`` newest deals (sortType 1 order) at ``now_ms``."""
+        return self.ordered(1, 0, 0, now_ms)[: max(0, n)]
+
+    def versions(self, now_ms: int | None = None) -> list[DealVersion]:
+        """Every (asin, lastUpdate minute, visible_from_ms) generated so far, in visibility order."""
+        with self._lock:
+            if now_ms is not None:
+                self.advance_to(now_ms)
+            return list(self._versions)
+
+    # -- products ----------------------------------------------------------------------------
+    def offer_count(self, asin: str) -> int:
+        """Total offers Keepa knows for ``asin`` (live and historical): 1..offers_pages_max*10."""
+        return _rng(self.seed, "offers", asin).randint(1, self.offers_pages_max * 10)
+
+    def product_cost(self, asin: str, req: ProductRequest) -> int:
+        """Tokens one valid ASIN costs (KEEPA_API.md §3.4)."""
+        if req.offers is not None:
+            retrieved = min(self.offer_count(asin), req.offers)
+            cost = 6 * max(1, math.ceil(retrieved / 10))
+            if req.stock:
+                cost += 2
+        else:
+            cost = 1
+            if req.buybox:
+                cost += 2
+        if req.rating:
+            cost += 1
+        return cost
+
+    def product(self, asin: str, req: ProductRequest, now_ms: int, domain_id: int = 1) -> dict[str, Any]:
+        """A small product object shaped like ``product_object_1886940606.json``."""
+        with self._lock:
+            self.advance_to(now_ms)
+            deal = self._deals.get(asin)
+            static = self._statics.get(asin)
+        now_min = unix_ms_to_keepa_minute(now_ms)
+        rng = _rng(self.seed, "product", asin)
+        if static is None:
+            static = _make_static(asin, self.seed, now_min - rng.randint(1_000, 500_000))
+        if deal is not None:
+            cur = list(deal["current"])
+            avg_month = deal["avg"][2]
+            avg_90 = deal["avg"][3]
+            drops = [deal[f"salesRankDrops{d}"] for d in (30, 90, 180, 365)]
+        else:
+            cur = _prices(rng, static.warehouse_condition)
+            avg_month = [c if c < 0 else round(c * rng.uniform(1.0, 1.6)) for c in cur]
+            avg_90 = [c if c < 0 else round(c * rng.uniform(1.0, 1.8)) for c in cur]
+            d30 = rng.randint(0, 30)
+            drops = [d30, d30 + 5, d30 + 12, d30 + 30]
+        avg180 = [c if c < 0 else round(c * rng.uniform(0.9, 1.8)) for c in cur]
+        avg365 = [c if c < 0 else round(c * rng.uniform(0.9, 2.0)) for c in cur]
+        last_update = now_min
+        root = static.root_cat
+        product: dict[str, Any] = {
+            "asin": asin,
+            "domainId": domain_id,
+            "productType": 0,
+            "title": static.title,
+            "parentAsin": None,
+            "rootCategory": root,
+            "categories": list(static.categories),
+            "categoryTree": [{"catId": root, "name": _ROOT_NAMES.get(root, "?")}]
+            + [{"catId": c, "name": f"Category {c}"} for c in static.categories],
+            "imagesCSV": "".join(map(chr, static.image)),
+            "binding": "Paperback" if root == 283155 else None,
+            "author": None,
+            "brand": None,
+            "manufacturer": None,
+            "publicationDate": rng.randint(1990, 2025) * 10_000 + rng.randint(1, 12) * 100 + rng.randint(1, 28),
+            "eanList": [_isbn13(asin)] if asin[:9].isdigit() else None,
+            "lastUpdate": last_update,
+            "lastPriceChange": last_update - rng.randint(0, 2_000),
+            "lastRatingUpdate": last_update - rng.randint(0, 20_000),
+            "trackingSince": static.creation_date - rng.randint(0, 1_000_000),
+            "listedSince": static.creation_date - rng.randint(0, 2_000_000),
+            "salesRankReference": root if root != UNKNOWN_ROOT else -1,
+            "referralFeePercent": 15,
+            "referralFeePercentage": 15.0,
+            "fbaFees": {"lastUpdate": last_update - rng.randint(0, 5_000), "pickAndPackFee": rng.randint(300, 600)},
+            "csv": None,
+            "salesRanks": None,
+            "stats": None,
+            "offers": None,
+            "liveOffersOrder": None,
+            "offersSuccessful": False,
+        }
+        if req.history:
+            product["csv"] = self._csv(rng, cur, last_update, req.days)
+            product["salesRanks"] = {str(root): [last_update - 600, cur[3], last_update, cur[3]]} if cur[3] > 0 else {}
+        offers: list[dict[str, Any]] = []
+        live_order: list[int] = []
+        total_live = 0
+        if req.offers is not None:
+            offers, live_order, total_live = self._offers(asin, req, last_update)
+            product["offers"] = offers
+            product["liveOffersOrder"] = live_order
+            product["offersSuccessful"] = True
+        if req.stats is not None:
+            product["stats"] = self._stats(
+                rng, cur, avg_month, avg_90, avg180, avg365, drops, last_update, req, offers, live_order, total_live
+            )
+        return product
+
+    @staticmethod
+    def _csv(rng: random.Random, cur: list[int], last_update: int, days: int | None) -> list[list[int] | None]:
+        start = last_update - (days * 1_440 if days else 90 * 1_440)
+        out: list[list[int] | None] = []
+        for i, c in enumerate(cur):
+            if c < 0 and i not in (3,):
+                out.append(None)
+                continue
+            points = []
+            n = rng.randint(2, 5)
+            times = sorted(rng.randint(start, last_update) for _ in range(n - 1)) + [last_update]
+            for t in times:
+                value = c if t == last_update else max(1, round(c * rng.uniform(0.8, 1.5)))
+                points.append(t)
+                points.append(value)
+                if i in SHIPPING_TYPES:
+                    points.append(rng.choice((0, 0, 399, -1)))
+            out.append(points)
+        return out
+
+    def _offers(self, asin: str, req: ProductRequest, last_update: int) -> tuple[list[dict[str, Any]], list[int], int]:
+        orng = _rng(self.seed, "offerlist", asin)
+        count = self.offer_count(asin)
+        retrieved = min(count, req.offers or 0)
+        all_offers: list[tuple[bool, dict[str, Any]]] = []
+        for k in range(retrieved):
+            live = k == 0 or orng.random() < 0.5
+            condition = orng.choice((1, 2, 3, 4, 4, 5))
+            price = orng.randint(199, 40_000)
+            shipping = orng.choice((0, 399, 399, -1))
+            seen = last_update if live else last_update - orng.randint(2_000, 400_000)
+            csv: list[int] = []
+            t = seen - orng.randint(100, 50_000)
+            for _ in range(orng.randint(1, 3)):
+                csv += [t, max(1, price + orng.randint(-300, 300)), shipping]
+                t = min(seen, t + orng.randint(10, 20_000))
+            csv[-2] = price
+            is_fba = orng.random() < 0.25
+            offer: dict[str, Any] = {
+                "offerId": k,
+                "sellerId": "A" + "".join(orng.choice(_ALNUM) for _ in range(13)),
+                "condition": condition,
+                "conditionComment": orng.choice(_CONDITION_COMMENTS) if condition > 1 else None,
+                "isFBA": is_fba,
+                "isPrime": is_fba or orng.random() < 0.05,
+                "isAmazon": False,
+                "isMAP": False,
+                "isPreorder": False,
+                "isPrimeExcl": False,
+                "isScam": False,
+                "isShippable": shipping != -1,
+                "isWarehouseDeal": False,
+                "isAddonItem": False,
+                "minOrderQty": 1,
+                "lastSeen": seen,
+                "lastStockUpdate": seen,
+                "offerCSV": csv,
+            }
+            if req.stock:
+                offer["stockCSV"] = [seen, orng.randint(1, 30)]
+            all_offers.append((live, offer))
+        total_live = sum(1 for live, _ in all_offers if live)
+        if req.only_live_offers:
+            all_offers = [(live, o) for live, o in all_offers if live]
+        offers = [o for _, o in all_offers]
+        # liveOffersOrder: indices of live offers, cheapest (price + shipping) first.
+        live_idx = [i for i, (live, _) in enumerate(all_offers) if live]
+        live_idx.sort(key=lambda i: (offers[i]["offerCSV"][-2] + max(0, offers[i]["offerCSV"][-1]), i))
+        return offers, live_idx, total_live
+
+    @staticmethod
+    def _stats(
+        rng: random.Random,
+        cur: list[int],
+        avg30: list[int],
+        avg90: list[int],
+        avg180: list[int],
+        avg365: list[int],
+        drops: list[int],
+        last_update: int,
+        req: ProductRequest,
+        offers: list[dict[str, Any]],
+        live_order: list[int],
+        total_live: int,
+    ) -> dict[str, Any]:
+        def minmax(pick) -> list[list[int] | None]:
+            out: list[list[int] | None] = []
+            for c, a in zip(cur, avg365):
+                if c < 0 and a < 0:
+                    out.append(None)
+                else:
+                    vals = [v for v in (c, a) if v >= 0]
+                    out.append([last_update - rng.randint(0, 200_000), pick(vals)])
+            return out
+
+        live = [offers[i] for i in live_order]
+        fba = sum(1 for o in live if o["isFBA"])
+        bb = live[0] if live else None
+        stats: dict[str, Any] = {
+            "current": list(cur),
+            "avg": list(avg365),
+            "avg30": list(avg30),
+            "avg90": list(avg90),
+            "avg180": list(avg180),
+            "avg365": list(avg365),
+            "atIntervalStart": list(avg365),
+            "min": minmax(min),
+            "max": minmax(max),
+            "minInInterval": minmax(min),
+            "maxInInterval": minmax(max),
+            "isLowest": [c >= 0 and a >= 0 and c <= a for c, a in zip(cur, avg365)],
+            "isLowest90": [c >= 0 and a >= 0 and c <= a for c, a in zip(cur, avg90)],
+            "outOfStockPercentage30": [-1 if c < 0 else rng.randint(0, 100) for c in cur],
+            "outOfStockPercentage90": [-1 if c < 0 else rng.randint(0, 100) for c in cur],
+            "outOfStockPercentageInInterval": [-1 if c < 0 else rng.randint(0, 100) for c in cur],
+            "salesRankDrops30": drops[0],
+            "salesRankDrops90": drops[1],
+            "salesRankDrops180": drops[2],
+            "salesRankDrops365": drops[3],
+            "totalOfferCount": total_live if req.offers is not None else -2,
+            "retrievedOfferCount": len(live) if req.offers is not None else -2,
+            "offerCountFBA": fba if req.offers is not None else -2,
+            "offerCountFBM": len(live) - fba if req.offers is not None else -2,
+            "lastOffersUpdate": last_update if req.offers is not None else -1,
+            "tradeInPrice": -1,
+            "lightningDealInfo": None,
+            "buyBoxPrice": -1,
+            "buyBoxShipping": -1,
+            "buyBoxSellerId": None,
+            "buyBoxIsFBA": False,
+            "buyBoxIsAmazon": False,
+            "buyBoxIsUsed": False,
+            "buyBoxCondition": None,
+        }
+        if bb is not None and (req.buybox or req.offers is not None):
+            stats["buyBoxPrice"] = bb["offerCSV"][-2]
+            stats["buyBoxShipping"] = bb["offerCSV"][-1]
+            stats["buyBoxSellerId"] = bb["sellerId"]
+            stats["buyBoxIsFBA"] = bb["isFBA"]
+            stats["buyBoxIsUsed"] = bb["condition"] > 1
+            stats["buyBoxCondition"] = bb["condition"]
+        elif req.buybox and cur[18] > 0:
+            stats["buyBoxPrice"] = cur[18] - 399
+            stats["buyBoxShipping"] = 399
+        return stats
+
+
+def iter_pages(deals: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Split an ordered deal list into 150-deal pages (helper for tests)."""
+    lst = list(deals)
+    return [lst[i : i + PAGE_SIZE] for i in range(0, len(lst), PAGE_SIZE)]
