@@ -1,0 +1,186 @@
+"""Predict what a Keepa request costs, and calibrate the prediction from what the server charged.
+
+Static table (KEEPA_API.md §3.4):
+
+* ``/deal`` page: 5 (empty pages too); ``/token``: 0.
+* ``/product`` per ASIN: with ``offers`` (20..100): 6 per offer page found, at most ``ceil(offers/10)``
+  pages; the *expected* prediction assumes 1 page. Without ``offers``: 1.
+  Extras per ASIN: ``rating`` +1, ``buybox`` +2 (ignored with ``offers``), ``stock`` +2, ``update=0`` +1.
+  ``stats``/``history``/``days``/``only_live_offers`` are free.
+
+Calibration: every ledger row records ``units`` (ASINs, pages) and a ``cost_key`` built from the
+cost-relevant options (e.g. ``product|offers=20|rating``). The per-unit prediction for a key is an
+EWMA (alpha 0.3, last 50 answered rows, seeded with the static value) of ``actual / units``.
+Predictions never exceed the bucket cap for a single request; use :meth:`CostModel.max_asins_affordable`
+to shrink a batch that could never be afforded (HAZARDS #44/#48).
+
+Options may be a ``ProductOptions`` dataclass, any object with those attribute names, or a dict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from deals_pipeline.budget.budget import Priority, TokenBudget
+
+DEAL_PAGE_COST = 5
+TOKEN_COST = 0
+OFFER_PAGE_COST = 6
+OFFERS_PER_PAGE = 10
+MAX_ASINS_PER_REQUEST = 100
+
+EWMA_ALPHA = 0.3
+EWMA_WINDOW = 50
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """A predicted request cost. Pass it as ``cost=`` to ``acquire``/``call`` so the ledger records
+    units and key (calibration). ``int(estimate)`` is the token count."""
+
+    tokens: int
+    units: int
+    key: str
+    per_unit: float
+    calibrated: bool = False
+    clamped: bool = False  #: the raw prediction exceeded the cap and was cut to it
+
+    def __int__(self) -> int:
+        return self.tokens
+
+
+def _opt(options: Any, name: str, default: Any = None) -> Any:
+    if options is None:
+        return default
+    if isinstance(options, Mapping):
+        for k in (name, name.replace("_", "-")):
+            if k in options:
+                return options[k]
+        return default
+    return getattr(options, name, default)
+
+
+def _flag(v: Any) -> bool:
+    return bool(v) and v is not False
+
+
+@dataclass(frozen=True)
+class ProductCostShape:
+    """Static per-ASIN cost of one /product option set."""
+
+    key: str
+    expected: int  #: per ASIN, assuming one offer page
+    worst: int  #: per ASIN, every offer page found
+
+
+def product_cost_shape(options: Any) -> ProductCostShape:
+    """Per-ASIN static cost of ``options`` (see module docstring)."""
+    offers = _opt(options, "offers")
+    rating = _flag(_opt(options, "rating"))
+    buybox = _flag(_opt(options, "buybox"))
+    stock = _flag(_opt(options, "stock"))
+    update = _opt(options, "update")
+    update0 = update is not None and not isinstance(update, bool) and int(update) == 0
+    extra = (1 if rating else 0) + (2 if stock else 0) + (1 if update0 else 0)
+    parts = ["product"]
+    if offers:
+        offers = int(offers)
+        pages_max = max(1, math.ceil(offers / OFFERS_PER_PAGE))
+        expected = OFFER_PAGE_COST + extra
+        worst = OFFER_PAGE_COST * pages_max + extra
+        parts.append(f"offers={offers}")
+    else:
+        expected = worst = 1 + extra + (2 if buybox else 0)
+        if buybox:
+            parts.append("buybox")
+    if rating:
+        parts.append("rating")
+    if stock:
+        parts.append("stock")
+    if update0:
+        parts.append("update0")
+    return ProductCostShape(key="|".join(parts), expected=expected, worst=worst)
+
+
+class CostModel:
+    """Predictions for one budget (reads calibration from its ledger, clamps to its live cap)."""
+
+    def __init__(self, budget: "TokenBudget") -> None:
+        self.budget = budget
+
+    # -- calibration -------------------------------------------------------------------------
+
+    def observed_per_unit(self, key: str, prior: float) -> tuple[float, int]:
+        """(EWMA of actual/units for ``key`` seeded with ``prior``, number of samples)."""
+
+        def run(c: Any) -> list[tuple[int, int]]:
+            return c.execute(
+                """SELECT actual, units FROM (
+                       SELECT actual, units, created_ms FROM token_ledger
+                       WHERE cost_key = ? AND actual IS NOT NULL AND units > 0 AND state IN ('settled', 'reserved')
+                       ORDER BY created_ms DESC LIMIT ?)
+                   ORDER BY created_ms""",
+                [key, EWMA_WINDOW],
+            ).fetchall()
+
+        rows = self.budget._tx(run)
+        value = float(prior)
+        for actual, units in rows:
+            value = EWMA_ALPHA * (actual / units) + (1 - EWMA_ALPHA) * value
+        return value, len(rows)
+
+    def _cap(self) -> int:
+        return self.budget.projection().cap
+
+    def _estimate(self, key: str, units: int, prior: float, cap: int | None) -> CostEstimate:
+        per_unit, n = self.observed_per_unit(key, prior) if units > 0 else (prior, 0)
+        tokens = math.ceil(units * per_unit - 1e-9) if units > 0 else 0
+        clamped = False
+        cap = self._cap() if cap is None else cap
+        if cap > 0 and tokens > cap:
+            tokens, clamped = cap, True
+        return CostEstimate(tokens=max(0, tokens), units=units, key=key, per_unit=per_unit, calibrated=n > 0, clamped=clamped)
+
+    # -- predictions -------------------------------------------------------------------------
+
+    def deal_pages(self, pages: int = 1, *, cap: int | None = None) -> CostEstimate:
+        """/deal: 5 per page (calibrated per page under key ``deal_page``)."""
+        return self._estimate("deal_page", int(pages), DEAL_PAGE_COST, cap)
+
+    def token_status(self) -> CostEstimate:
+        """/token is free."""
+        return CostEstimate(tokens=TOKEN_COST, units=0, key="token", per_unit=0.0)
+
+    def products(self, asins: int, options: Any, *, cap: int | None = None) -> CostEstimate:
+        """/product for ``asins`` ASINs with ``options`` (calibrated per ASIN under the options' key)."""
+        shape = product_cost_shape(options)
+        return self._estimate(shape.key, int(asins), shape.expected, cap)
+
+    def worst_case_products(self, asins: int, options: Any) -> int:
+        """Upper bound from the static table (every offer page found)."""
+        return int(asins) * product_cost_shape(options).worst
+
+    def max_asins_affordable(self, options: Any, priority: "Priority | int" = 1, *, max_asins: int = MAX_ASINS_PER_REQUEST) -> int:
+        """Largest batch (1..max_asins) whose predicted cost the spending rule can ever allow.
+
+        A call may start at most at the cap; with the controlled deficit a BACKFILL call of ``c``
+        needs ``max(threshold + 1, c - max_deficit) + upsert_reserve <= cap``, and no prediction may
+        exceed the cap. Always at least 1.
+        """
+        from deals_pipeline.budget.budget import Priority, thresholds_for
+
+        th = thresholds_for(self.budget.policy, self.budget.projection().refill_rate)
+        reserve = th.upsert_reserve if Priority(priority) == Priority.BACKFILL else 0
+        limit = min(th.cap, th.cap - reserve + th.max_deficit)
+        shape = product_cost_shape(options)
+        per_unit, _ = self.observed_per_unit(shape.key, shape.expected)
+        if per_unit <= 0:
+            return max(1, int(max_asins))
+        n = int(math.floor((limit + 1e-9) / per_unit))
+        # ceil() in the prediction can push n * per_unit over the limit by < 1 token.
+        while n > 1 and math.ceil(n * per_unit - 1e-9) > limit:
+            n -= 1
+        return max(1, min(int(max_asins), n))

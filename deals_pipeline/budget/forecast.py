@@ -1,0 +1,61 @@
+"""How many tokens the remaining work needs and when the refill will have paid for it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from deals_pipeline.keepa.models import REFILL_PERIOD_MS
+
+if TYPE_CHECKING:
+    from deals_pipeline.budget.budget import TokenBudget
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Tokens still needed and the time until the learned refill covers them (from the current projection)."""
+
+    tokens_needed: int
+    eta_ms: int | None  #: None = never (refill rate 0)
+    refill_rate: int
+    balance: int
+    cap: int
+    pages: int = 0
+    asins: int = 0
+
+    @property
+    def eta(self) -> timedelta | None:
+        return None if self.eta_ms is None else timedelta(milliseconds=self.eta_ms)
+
+
+def eta_ms_for(tokens_needed: int, balance: int, refill_rate: int, next_refill_ms: int, now_ms: int) -> int | None:
+    """ms until ``balance`` plus once-a-minute refills of ``refill_rate`` reach ``tokens_needed``.
+
+    Assumes the work spends as it goes (so no refill is lost at the cap). None when never.
+    """
+    shortfall = int(tokens_needed) - int(balance)
+    if shortfall <= 0:
+        return 0
+    if refill_rate <= 0:
+        return None
+    refills = math.ceil(shortfall / refill_rate)
+    first = max(0, int(next_refill_ms) - int(now_ms))
+    return first + (refills - 1) * REFILL_PERIOD_MS
+
+
+def forecast_for(budget: "TokenBudget", pages_remaining: int, asins_remaining: int, options: Any) -> Forecast:
+    """Forecast for ``pages_remaining`` /deal pages and ``asins_remaining`` /product ASINs with ``options``
+    (priced per request batch of at most the affordable size, so no per-request cap clamp hides cost)."""
+    proj = budget.projection()
+    pages = max(0, int(pages_remaining))
+    asins = max(0, int(asins_remaining))
+    tokens = budget.costs.deal_pages(pages, cap=10**12).tokens if pages else 0
+    if asins:
+        tokens += budget.costs.products(asins, options, cap=10**12).tokens
+    eta = eta_ms_for(tokens, proj.balance, proj.refill_rate, proj.next_refill_ms, proj.as_of_ms)
+    return Forecast(
+        tokens_needed=tokens, eta_ms=eta, refill_rate=proj.refill_rate, balance=proj.balance, cap=proj.cap,
+        pages=pages, asins=asins,
+    )
