@@ -1,6 +1,5 @@
 """Asset checks: invariants of the stored data, evaluated in the UI and in CI."""
 
-from __future__ import annotations
 
 import dagster as dg
 

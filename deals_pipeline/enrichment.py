@@ -124,8 +124,12 @@ class ChunkEnricher:
         self.origin = origin
         self.priority = priority
 
-    def plan(self, deals: Sequence[Deal]) -> ChunkPlan:
-        with self.db.connect() as con:
+    def plan(self, deals: Sequence[Deal], con: duckdb.DuckDBPyConnection | None = None) -> ChunkPlan:
+        """Free: decide per ASIN (already stored at this version / filtered / to fetch)."""
+        if con is None:
+            with self.db.connect() as own:
+                stored = stored_deals(own, [d.asin for d in deals])
+        else:
             stored = stored_deals(con, [d.asin for d in deals])
         plan = ChunkPlan(deals=list(deals))
         for deal in deals:
@@ -139,7 +143,7 @@ class ChunkEnricher:
         return plan
 
     def predicted_cost(self, asin_count: int) -> int:
-        return self.budget.cost_model.predict_products(asin_count, self.options)
+        return self.budget.costs.products(asin_count, self.options)
 
     def fetch(self, asins: Sequence[str], *, deadline_ms: int | None, detail: str) -> FetchedProducts:
         """Pay for /product. Raises BudgetDeadline (nothing spent) or a KeepaError."""

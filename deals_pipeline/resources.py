@@ -98,6 +98,14 @@ class DealsDatabaseResource(dg.ConfigurableResource):
     path: str = Field(default=DEFAULT_DB_PATH, description="DuckDB file (DEALS_DB_PATH).")
     busy_timeout_s: float = Field(default=60.0, description="How long to retry a file locked by another process.")
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """At each run start: record this run's process, and free slots held by killed runs."""
+        if context.instance is not None and context.run_id:
+            from deals_pipeline.run_reaper import reap_dead_runs, register_run_process
+
+            register_run_process(context.instance, context.run_id)
+            reap_dead_runs(context.instance, current_run_id=context.run_id)
+
     def database(self, data_mode: str | None = None) -> Database:
         return Database(self.path, busy_timeout_s=self.busy_timeout_s, data_mode=data_mode)
 
@@ -125,8 +133,9 @@ class TokenBudgetResource(dg.ConfigurableResource):
             upsert_reserve=self.upsert_reserve,
         )
 
-    def budget(self, db: Database, clock: Clock, owner: str) -> TokenBudget:
-        return TokenBudget(db, clock, self.policy(), owner=owner)
+    def budget(self, db: Database, clock: Clock, owner: str, client: KeepaClient | None = None) -> TokenBudget:
+        """The shared budget; with a client it can make the free /token sync when the state is unknown."""
+        return TokenBudget(db, clock, self.policy(), owner=owner, sync=client.token_status if client else None)
 
     def deadline_ms(self, clock: Clock) -> int:
         return clock.now_ms() + int(self.run_budget_minutes * 60_000)
@@ -202,8 +211,7 @@ def build_runtime(
     clock = clock or clock_from_env()
     client, source = keepa.build_client(clock)
     db = database.database(data_mode=source)
-    budget = token_budget.budget(db, clock, owner)
-    client.on_status = budget.observe
+    budget = token_budget.budget(db, clock, owner, client)
     return Runtime(db=db, client=client, budget=budget, clock=clock, source=source,
                    deadline_ms=token_budget.deadline_ms(clock))
 

@@ -5,7 +5,6 @@ or while the budget cannot pay for one chunk: a schedule that fires when nothing
 a no-op (HAZARDS #50).
 """
 
-from __future__ import annotations
 
 import json
 import os
@@ -80,7 +79,7 @@ def deal_pages_sensor(
         if page is None:
             return dg.SkipReason(why)
         budget = token_budget.budget(db, clock_from_env(), owner="sensor")
-        cost = budget.cost_model.predict_products(query.chunk_size, query.product_options())
+        cost = int(budget.costs.products(query.chunk_size, query.product_options()))
         wait_ms = budget.wait_ms(cost, Priority.BACKFILL)
     except DatabaseBusy as busy:
         return dg.SkipReason(f"database busy, will look again next tick: {busy}")
@@ -115,8 +114,8 @@ def recent_deals_sensor(
     try:
         db = database.database(data_mode=keepa.data_mode())
         budget = token_budget.budget(db, clock_from_env(), owner="sensor")
-        cost = budget.cost_model.predict_products(query.chunk_size, query.product_options())
-        wait_ms = budget.wait_ms(cost + budget.cost_model.predict_deal_page(), Priority.UPSERT)
+        cost = int(budget.costs.products(query.chunk_size, query.product_options()))
+        wait_ms = budget.wait_ms(cost + int(budget.costs.deal_pages()), Priority.UPSERT)
         rate = budget.projection().refill_rate
     except DatabaseBusy as busy:
         return dg.SkipReason(f"database busy, will look again next tick: {busy}")

@@ -19,7 +19,7 @@ def render(health: dict[str, Any], db_path: str) -> None:
         ("deals", "stored / enriched / filtered", f"{d['stored']} / {d['enriched']} / {d['filtered']}"),
         ("backfill", "pages done / total", f"{b['pages_done']} / {b['pages_total'] if b['pages_total'] is not None else '?'}"),
         ("backfill", "in-flight page (chunks done)",
-         "-" if b["in_flight_page"] is None else f"{b['in_flight_page']} ({b['in_flight_chunks_done']})"),
+         "-" if b["in_flight_page"] is None else f"{b['in_flight_page']} ({b['in_flight_chunks']})"),
         ("backfill", "chunks done / total", f"{b['chunks_done']} / {b['chunks_total']}"),
         ("backfill", "failed chunks", str(len(b["failed_chunks"]))),
         ("backfill", "ETA (hours at learned rate)", f"{b['eta_hours']}"),

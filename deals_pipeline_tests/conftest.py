@@ -23,3 +23,79 @@ def samples_dir() -> Path:
 @pytest.fixture
 def sentinel_key() -> str:
     return SENTINEL_KEY
+
+
+# -- a whole stack: simulator over HTTP + client + DuckDB file + shared budget ------------------
+
+from dataclasses import dataclass, field as _field  # noqa: E402
+from typing import Any  # noqa: E402
+
+
+@dataclass
+class Stack:
+    """The real parts wired together, as the Dagster resources do it."""
+
+    sim: Any
+    clock: Any
+    db: Any
+    client: Any
+    budget: Any
+    db_path: Any
+    extras: dict = _field(default_factory=dict)
+
+    def backfill(self, *, chunk_size: int = 4, selection: dict | None = None, rules=None, options=None):
+        from deals_pipeline.backfill.service import BackfillSettings, PageBackfill
+        from deals_pipeline.enrichment import ViabilityRules
+        from deals_pipeline.keepa.query import DealSelection, ProductOptions
+
+        settings = BackfillSettings(
+            selection=DealSelection.from_mapping(selection or {"domainId": 1, "priceTypes": [2], "dateRange": 3,
+                                                               "sortType": 4}),
+            product_options=options or ProductOptions(),
+            rules=rules or ViabilityRules(),
+            chunk_size=chunk_size,
+        )
+        return PageBackfill(self.db, self.client, self.budget, settings, clock=self.clock, source="simulator")
+
+    def updater(self, *, chunk_size: int = 4, sizing_mode: str = "default", options=None, rules=None):
+        from deals_pipeline.enrichment import ViabilityRules
+        from deals_pipeline.keepa.query import DealSelection, ProductOptions
+        from deals_pipeline.upsert.service import RecentDealsUpdater, UpsertSettings
+
+        settings = UpsertSettings(
+            selection=DealSelection.from_mapping({"domainId": 1, "priceTypes": [2], "dateRange": 3, "sortType": 1}),
+            product_options=options or ProductOptions(),
+            rules=rules or ViabilityRules(),
+            chunk_size=chunk_size,
+            sizing_mode=sizing_mode,
+        )
+        return RecentDealsUpdater(self.db, self.client, self.budget, settings, clock=self.clock, source="simulator")
+
+
+@pytest.fixture
+def make_stack(tmp_path):
+    """Build a stack; every simulator started here is stopped at teardown."""
+    from deals_pipeline.budget import BudgetPolicy, TokenBudget
+    from deals_pipeline.clock import ManualClock
+    from deals_pipeline.keepa.client import KeepaClient
+    from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
+    from deals_pipeline.storage import Database
+
+    started = []
+
+    def make(*, config: "SimulatorConfig | None" = None, clock=None, policy: "BudgetPolicy | None" = None,
+             db_name: str = "deals.duckdb", key: str = "test-key", max_attempts: int = 4, read_timeout_s: float = 5.0):
+        clock = clock or ManualClock()
+        sim = KeepaSimulator(config or SimulatorConfig(), clock=clock)
+        sim.start()
+        started.append(sim)
+        db_path = tmp_path / db_name
+        db = Database(db_path, data_mode="simulator")
+        client = KeepaClient(key, base_url=sim.base_url, clock=clock, max_attempts=max_attempts,
+                             timeout_s=(2.0, read_timeout_s))
+        budget = TokenBudget(db, clock, policy or BudgetPolicy(), owner="test", sync=client.token_status)
+        return Stack(sim=sim, clock=clock, db=db, client=client, budget=budget, db_path=db_path)
+
+    yield make
+    for sim in started:
+        sim.stop()

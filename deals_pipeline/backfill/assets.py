@@ -6,7 +6,6 @@ and the UI shows the whole range. Pages past the query's short page are never re
 sensor stops there).
 """
 
-from __future__ import annotations
 
 import dagster as dg
 
@@ -110,7 +109,7 @@ def write_page_summary(
     page = int(context.partition_key)
     runtime = _runtime(context, keepa, database, token_budget)
     backfill = runtime.page_backfill(query)
-    snapshot: PageSnapshot | None = backfill._load_snapshot(page)
+    snapshot = backfill._load_snapshot(page)
     if snapshot is None:
         yield dg.Output(None, metadata={"page": page, "complete": False, "note": "page not fetched: budget deadline"})
         return
@@ -137,7 +136,7 @@ def write_page_summary(
         "duplicates_skipped": sum(r.get("fresh", 0) for r in results),
         "filtered_out": sum(r.get("filtered", 0) for r in results),
         "viability_rules": str(query.rules().describe() or "none"),
-        "backfill_eta_hours": round(forecast.eta_ms / 3_600_000, 2),
+        "backfill_eta_hours": round(forecast.eta_ms / 3_600_000, 2) if forecast.eta_ms is not None else -1.0,
         "backfill_tokens_needed": forecast.tokens_needed,
         "source": runtime.source,
     }

@@ -148,7 +148,7 @@ class PageBackfill:
         selection = self.settings.selection.with_page(page)
         deal_page, reservation = self.budget.call(
             lambda: self.client.deals(selection),
-            cost=self.budget.cost_model.predict_deal_page(),
+            cost=self.budget.costs.deal_pages(),
             purpose="deal_page",
             priority=Priority.BACKFILL,
             deadline_ms=deadline_ms,
@@ -232,19 +232,17 @@ class PageBackfill:
                 "SELECT status FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
                 [page, self.fingerprint, chunk_index],
             ).fetchone()
+            if row is None:
+                raise ValueError(f"page {page} has no chunk {chunk_index}")
+            if row[0] == "done":
+                return ChunkOutcome(page, chunk_index, "already_done")
             staged = con.execute(
                 "SELECT raw_response, tokens_consumed FROM chunk_staging "
                 "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
                 [page, self.fingerprint, chunk_index],
             ).fetchone()
-        if row is None:
-            raise ValueError(f"page {page} has no chunk {chunk_index}")
-        if row[0] == "done":
-            return ChunkOutcome(page, chunk_index, "already_done")
-
-        by_asin = {d.asin: d for d in snapshot.deals}
-        deals = [by_asin[a] for a in snapshot.chunk_asins[chunk_index]]
-        plan = self.enricher.plan(deals)
+            by_asin = {d.asin: d for d in snapshot.deals}
+            plan = self.enricher.plan([by_asin[a] for a in snapshot.chunk_asins[chunk_index]], con)
         detail = f"page {page} chunk {chunk_index}"
         if staged is not None:
             # Paid for in an earlier run whose write failed: reuse it instead of paying again.

@@ -334,6 +334,8 @@ class TokenBudget:
         from deals_pipeline.budget.cost_model import CostModel  # local: cost_model imports this module
 
         self.costs = CostModel(self)
+        #: Cap seen by this process's latest read of the shared state (None before the first).
+        self.last_cap: int | None = None
 
     def __repr__(self) -> str:
         return f"TokenBudget({self.db!r}, owner={self.owner!r})"
@@ -381,6 +383,7 @@ class TokenBudget:
 
     def _project(self, st: _State, now_ms: int) -> tuple[Projection, Thresholds]:
         th = thresholds_for(self.policy, self._rate_of(st))
+        self.last_cap = th.cap  # the cost model clamps predictions with it, without another read
         if st.status is None:
             proj = Projection(
                 balance=-st.pending,
@@ -712,6 +715,8 @@ class TokenBudget:
             self._refresh_recharge(c, now)
 
         self._tx(run, con)
+        if actual is not None:
+            self.costs.invalidate(reservation.cost_key)
 
     def settle(
         self,

@@ -108,13 +108,31 @@ def product_cost_shape(options: Any) -> ProductCostShape:
 class CostModel:
     """Predictions for one budget (reads calibration from its ledger, clamps to its live cap)."""
 
+    #: How long (timeline ms) a calibration read is reused. Every DuckDB open costs tens of ms and the
+    #: EWMA moves slowly, so re-reading the ledger before every request would only add latency.
+    CACHE_MS = 120_000
+
     def __init__(self, budget: "TokenBudget") -> None:
         self.budget = budget
+        self._cache: dict[str, tuple[int, float, int]] = {}
 
     # -- calibration -------------------------------------------------------------------------
 
     def observed_per_unit(self, key: str, prior: float) -> tuple[float, int]:
-        """(EWMA of actual/units for ``key`` seeded with ``prior``, number of samples)."""
+        """(EWMA of actual/units for ``key`` seeded with ``prior``, number of samples); cached CACHE_MS."""
+        now = self.budget.clock.now_ms()
+        cached = self._cache.get(key)
+        if cached is not None and now - cached[0] < self.CACHE_MS:
+            return cached[1], cached[2]
+        value, n = self._read_per_unit(key, prior)
+        self._cache[key] = (now, value, n)
+        return value, n
+
+    def invalidate(self, key: str | None) -> None:
+        """Forget a cached calibration (this process just recorded a real cost for ``key``)."""
+        self._cache.pop(key, None) if key is not None else self._cache.clear()
+
+    def _read_per_unit(self, key: str, prior: float) -> tuple[float, int]:
 
         def run(c: Any) -> list[tuple[int, int]]:
             return c.execute(
@@ -133,7 +151,7 @@ class CostModel:
         return value, len(rows)
 
     def _cap(self) -> int:
-        return self.budget.projection().cap
+        return self.budget.last_cap if self.budget.last_cap is not None else self.budget.projection().cap
 
     def _estimate(self, key: str, units: int, prior: float, cap: int | None) -> CostEstimate:
         per_unit, n = self.observed_per_unit(key, prior) if units > 0 else (prior, 0)

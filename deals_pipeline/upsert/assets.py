@@ -1,6 +1,5 @@
 """`recent_deals`: keep the newest deals fresh (thin: logic is in service.py)."""
 
-from __future__ import annotations
 
 from datetime import timedelta
 

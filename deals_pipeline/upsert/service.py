@@ -151,7 +151,7 @@ class RecentDealsUpdater:
     def batch_size(self) -> tuple[int, str]:
         """Deals per run from the *learned* refill rate (a plan upgrade resizes with no config change)."""
         rate = self.budget.projection().refill_rate
-        per_deal = max(1, self.enricher.predicted_cost(1))
+        per_deal = max(1, int(self.enricher.predicted_cost(1)))
         size = max_new_deals_per_run(
             rate, mode=self.settings.sizing_mode, interval_s=self.settings.interval_s, tokens_per_deal=per_deal
         )
@@ -162,7 +162,7 @@ class RecentDealsUpdater:
         return size, reason
 
     def next_chunk_cost(self) -> int:
-        return self.enricher.predicted_cost(self.settings.chunk_size)
+        return int(self.enricher.predicted_cost(self.settings.chunk_size))
 
     def run(
         self,
@@ -196,7 +196,7 @@ class RecentDealsUpdater:
         for page in range(min(self.settings.max_pages_per_run, MAX_DEAL_PAGE + 1)):
             deal_page, _ = self.budget.call(
                 lambda p=page: self.client.deals(self.settings.selection.with_page(p)),
-                cost=self.budget.cost_model.predict_deal_page(),
+                cost=self.budget.costs.deal_pages(),
                 purpose="deal_page",
                 priority=Priority.UPSERT,
                 deadline_ms=deadline_ms,
