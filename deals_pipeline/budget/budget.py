@@ -222,15 +222,16 @@ def required_level(th: Thresholds, cost: int, priority: Priority, recharging: bo
     """Projected balance a call of ``cost`` needs before it may start. Never above the cap.
 
     * ``projected > threshold`` and ``projected - cost >= -max_deficit`` (controlled deficit);
-    * recharge mode (low rate, after falling to/below the threshold): at least ``burst_level``;
-    * BACKFILL must leave ``upsert_reserve`` untouched: every rule above applies to
-      ``projected - upsert_reserve``, so at any balance where the backfill may start, the upserter may too
-      (and in recharge mode the upserter is let in at the burst level first).
+    * BACKFILL only: recharge mode (low rate, after falling to/below the threshold) waits for
+      ``burst_level``, and every rule applies to ``projected - upsert_reserve``, so at any balance where
+      the backfill may start, the upserter may too. The upserter's small, time-bound batches are not
+      held back by recharge mode: at 5/min a burst of 80 takes 16 min, longer than an upsert interval,
+      and the freshness of the newest deals is what the upserter exists for.
     """
     level = max(th.threshold + 1, int(cost) - th.max_deficit)
-    if recharging and th.recharge_enabled:
-        level = max(level, th.burst_level)
     if priority == Priority.BACKFILL:
+        if recharging and th.recharge_enabled:
+            level = max(level, th.burst_level)
         level += th.upsert_reserve
     return min(level, max(th.cap, 1))
 

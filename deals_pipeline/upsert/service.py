@@ -27,7 +27,7 @@ from deals_pipeline.keepa.models import MAX_DEAL_PAGE, Deal
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.keepa.redact import redact
 from deals_pipeline.storage import Database
-from deals_pipeline.storage.repository import utcnow
+from deals_pipeline.storage.repository import stored_deals, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ class UpsertSettings:
     sizing_mode: str = "default"
     interval_s: int = 300
     max_pages_per_run: int = MAX_DEAL_PAGE + 1
+    #: Deals can enter the list after newer ones were seen, with a lastUpdate at or below the
+    #: watermark (the list is refreshed after the product). Each run re-reads this many minutes
+    #: below the watermark; deals already stored at that version cost nothing (skipped as fresh).
+    overlap_minutes: int = 15
 
     def __post_init__(self) -> None:
         if abs(self.selection.sort_type) != 1 or self.selection.sort_type < 0:
@@ -214,9 +218,21 @@ class RecentDealsUpdater:
             if watermark is None:
                 if len(newest) >= report.batch_size:
                     break
-            elif any(Watermark.of(d) <= watermark for d in deal_page.deals):
+            elif any(d.last_update < watermark.last_update_minute - self.settings.overlap_minutes
+                     for d in deal_page.deals):
                 break
-        changed = [d for d in newest.values() if watermark is None or Watermark.of(d) > watermark]
+        if watermark is None:
+            changed = list(newest.values())
+        else:
+            floor = Watermark(watermark.last_update_minute - self.settings.overlap_minutes, "")
+            changed = [d for d in newest.values() if Watermark.of(d) > floor]
+            with self.db.connect() as con:
+                stored = stored_deals(con, [d.asin for d in changed])
+            # Below the watermark only what is not stored yet at that version (a late arrival).
+            changed = [
+                d for d in changed
+                if Watermark.of(d) > watermark or not (d.asin in stored and stored[d.asin].covers(d.last_update))
+            ]
         changed.sort(key=Watermark.of)
         return changed, server_minute
 
