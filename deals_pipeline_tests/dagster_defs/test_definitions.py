@@ -1,0 +1,139 @@
+"""The Dagster layer: definitions load, a partition materializes, sensors decide correctly."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+
+from deals_pipeline.backfill.assets import DEAL_PAGE_PARTITIONS, deal_pages
+from deals_pipeline.clock import SystemClock
+from deals_pipeline.keepa.errors import ConfigError
+from deals_pipeline.resources import (
+    DealQueryResource,
+    DealsDatabaseResource,
+    KeepaResource,
+    TokenBudgetResource,
+)
+from deals_pipeline.sensors import deal_pages_sensor, recent_deals_sensor
+from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
+from deals_pipeline.upsert.assets import recent_deals
+
+
+def _page_run(partition_key, instance, resources):
+    return dg.materialize([deal_pages], partition_key=partition_key, instance=instance, resources=resources)
+
+
+def test_definitions_load_with_every_asset_check_sensor_and_resource():
+    from deals_pipeline.definitions import defs
+
+    repo = defs.get_repository_def()
+    keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
+    assert {"deal_pages", "recent_deals"} <= keys
+    assert {s.name for s in repo.sensor_defs} == {"deal_pages_sensor", "recent_deals_sensor"}
+    checks = {k.name for k in repo.asset_graph.asset_check_keys}
+    assert {"no_duplicate_asins", "chunk_progress_matches_deals", "token_deficit_within_bounds",
+            "newest_deal_age", "watermark_not_ahead"} <= checks
+    assert DEAL_PAGE_PARTITIONS.get_partition_keys() == [str(p) for p in range(67)]
+    assert set(defs.resources) == {"keepa", "database", "token_budget", "query"}
+
+
+def test_no_key_and_no_simulator_mode_fails_with_both_options_named():
+    with pytest.raises(ConfigError) as err:
+        KeepaResource().resolved_mode()
+    assert "KEEPA_API_KEY" in str(err.value) and "DEALS_PIPELINE_MODE=simulator" in str(err.value)
+    assert KeepaResource(mode="simulator").resolved_mode() == "simulator"
+    assert KeepaResource(api_key="k").resolved_mode() == "keepa"
+
+
+@pytest.fixture
+def sim():
+    with KeepaSimulator(SimulatorConfig(refill_rate=3000, catalog_size=320), clock=SystemClock()) as simulator:
+        yield simulator
+
+
+def _resources(sim, db_path):
+    return {
+        "keepa": KeepaResource(mode="simulator", simulator_url=sim.base_url),
+        "database": DealsDatabaseResource(path=str(db_path)),
+        "token_budget": TokenBudgetResource(refill_rate_guess=3000),
+        "query": DealQueryResource(),
+    }
+
+
+def test_a_partition_materializes_in_process_with_metadata(sim, tmp_path, monkeypatch):
+    monkeypatch.delenv("DEALS_PIPELINE_TIME_SCALE", raising=False)
+    with dg.instance_for_test() as instance:
+        result = _page_run("2", instance, _resources(sim, tmp_path / "d.duckdb"))
+        assert result.success
+        materializations = result.asset_materializations_for_node("deal_pages")
+        assert len(materializations) == 1
+        meta = {k: v.value for k, v in materializations[0].metadata.items()}
+        assert meta["page"] == 2 and meta["complete"] is True and meta["is_last_page"] is True
+        assert meta["chunks_done"] == meta["chunks_total"] == 5  # 20 deals on the short last page
+        assert meta["deals_stored_this_run"] == 20 and meta["tokens_spent_this_run"] > 0
+        observations = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+        assert len(observations) == 5, "one live-progress observation per chunk"
+        # A rerun pays nothing: the snapshot is reused and every chunk is done.
+        fetched = sim.stats().deal_page_fetches[2]
+        again = _page_run("2", instance, _resources(sim, tmp_path / "d.duckdb"))
+        meta2 = {k: v.value for k, v in again.asset_materializations_for_node("deal_pages")[0].metadata.items()}
+        assert meta2["tokens_spent_this_run"] == 0 and sim.stats().deal_page_fetches[2] == fetched
+
+
+def test_recent_deals_materializes_with_batch_metadata(sim, tmp_path):
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([recent_deals], instance=instance, resources=_resources(sim, tmp_path / "d.duckdb"))
+        assert result.success
+        meta = {k: v.value for k, v in result.asset_materializations_for_node("recent_deals")[0].metadata.items()}
+        assert meta["status"] == "complete" and meta["batch_size"] == 200  # learned 3000/min >= 20
+        assert meta["deals_new"] == 200 and meta["watermark_after"] != "none"
+
+
+def test_deal_pages_sensor_requests_the_next_page_and_stops_after_the_short_page(sim, tmp_path):
+    resources = _resources(sim, tmp_path / "d.duckdb")
+    resources["query"] = DealQueryResource(chunk_size=50)  # fewer ops: this test is about the sensor
+    with dg.instance_for_test() as instance:
+        requested = []
+        cursor = None
+        for _ in range(5):
+            ctx = dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor)
+            result = deal_pages_sensor(ctx)
+            cursor = ctx.cursor
+            if isinstance(result, dg.SkipReason):
+                assert "backfill complete" in result.skip_message
+                break
+            assert isinstance(result, dg.RunRequest)
+            requested.append(result.partition_key)
+            run = _page_run(result.partition_key, instance, resources)
+            assert run.success
+        assert requested == ["0", "1", "2"]
+        assert json.loads(cursor) == {"0": 1, "1": 1, "2": 1}
+
+
+def test_sensors_skip_when_the_budget_cannot_pay_for_a_chunk(tmp_path):
+    with KeepaSimulator(SimulatorConfig(refill_rate=5, initial_tokens=0), clock=SystemClock()) as slow:
+        resources = _resources(slow, tmp_path / "d.duckdb")
+        resources["token_budget"] = TokenBudgetResource(refill_rate_guess=5)
+        # Learn the (empty) balance once, as any run's first response would.
+        from deals_pipeline.resources import build_runtime
+
+        runtime = build_runtime(resources["keepa"], resources["database"], resources["token_budget"], owner="t")
+        runtime.budget.sync()
+        with dg.instance_for_test() as instance:
+            backfill = deal_pages_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+            upsert = recent_deals_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert isinstance(backfill, dg.SkipReason) and "budget" in backfill.skip_message
+    assert isinstance(upsert, dg.SkipReason) and "budget" in upsert.skip_message
+
+
+def test_recent_deals_sensor_tags_batch_size_and_uses_fresh_run_keys(sim, tmp_path):
+    resources = _resources(sim, tmp_path / "d.duckdb")
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance, resources=resources)
+        first = recent_deals_sensor(ctx)
+        second = recent_deals_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=ctx.cursor))
+    assert isinstance(first, dg.RunRequest) and isinstance(second, dg.RunRequest)
+    assert first.run_key != second.run_key
+    assert "deals_pipeline/batch_size" in first.tags

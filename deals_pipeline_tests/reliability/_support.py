@@ -1,0 +1,270 @@
+"""Shared parts of the reliability suite: a simulator that records who was served what, worker
+processes, and read-only views of the DuckDB file.
+
+Everything here is real: the simulator is the product's HTTP server (subclassed only to record and,
+when asked, to damage responses), workers are separate OS processes, the database is a DuckDB file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import duckdb
+
+from deals_pipeline.simulator import KeepaSimulator
+from deals_pipeline.simulator.server import _Reply, _single
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO.parent / "shared" / "keepa-samples"
+FIRST_RUN = "run_2025-09-14T18-12Z_commit_b3f7397"
+
+#: The backfill worker's default selection (harness/worker.py -> conftest.Stack.backfill).
+BACKFILL_SORT = 4
+#: The upserter's selection (conftest.Stack.updater).
+UPSERT_SORT = 1
+
+
+@dataclass(frozen=True)
+class Served:
+    """One request the simulator answered with HTTP 200 and charged."""
+
+    seq: int
+    who: str  # the key the request carried (workers get one key each)
+    endpoint: str  # "deal" | "product"
+    page: int | None
+    sort_type: int | None
+    asins: tuple[str, ...]
+    tokens: int
+    t: float
+
+
+class RecordingSimulator(KeepaSimulator):
+    """The product's simulator plus a log of every served (charged) /deal and /product request.
+
+    Hooks (all optional, all under the simulator lock):
+
+    * ``deal_429[page] = n``: answer the next ``n`` /deal requests for ``page`` with HTTP 429 (no charge),
+      with the real envelope, exactly as the bucket would;
+    * ``mutate_deal(body) -> body`` / ``mutate_product(body) -> body``: damage a served 200 body
+      (a deep copy; the catalog's own dicts are never touched).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.served: list[Served] = []
+        self.deal_429: dict[int, int] = {}
+        self.mutate_deal: Callable[[dict], Any] | None = None
+        self.mutate_product: Callable[[dict], Any] | None = None
+        self.hook_hits: dict[str, int] = {"deal_429": 0, "mutate_deal": 0, "mutate_product": 0}
+
+    def _deal(self, method: str, params: dict, body: bytes, now: int) -> _Reply:
+        try:
+            sel = json.loads(_single(params, "selection") or "{}")
+        except ValueError:
+            sel = {}
+        page = sel.get("page", 0) if isinstance(sel, dict) else None
+        if isinstance(page, int) and self.deal_429.get(page, 0) > 0:
+            self.deal_429[page] -= 1
+            self.hook_hits["deal_429"] += 1
+            return _Reply(429, self._envelope(now))
+        reply = super()._deal(method, params, body, now)
+        if reply.status == 200:
+            self.served.append(Served(
+                seq=len(self.served), who=_single(params, "key") or "", endpoint="deal", page=page,
+                sort_type=sel.get("sortType"), asins=tuple(d["asin"] for d in reply.body["deals"]["dr"]),
+                tokens=int(reply.body.get("tokensConsumed", 0)), t=time.monotonic(),
+            ))
+            if self.mutate_deal is not None:
+                self.hook_hits["mutate_deal"] += 1
+                reply.body = self.mutate_deal(copy.deepcopy(reply.body))
+        return reply
+
+    def _product(self, params: dict, now: int) -> _Reply:
+        reply = super()._product(params, now)
+        if reply.status == 200:
+            self.served.append(Served(
+                seq=len(self.served), who=_single(params, "key") or "", endpoint="product", page=None,
+                sort_type=None, asins=tuple(p["asin"] for p in reply.body["products"]),
+                tokens=int(reply.body.get("tokensConsumed", 0)), t=time.monotonic(),
+            ))
+            if self.mutate_product is not None:
+                self.hook_hits["mutate_product"] += 1
+                reply.body = self.mutate_product(copy.deepcopy(reply.body))
+        return reply
+
+    def served_log(self) -> list[Served]:
+        with self._lock:
+            return list(self.served)
+
+
+# -- worker processes ----------------------------------------------------------------------------
+
+
+def worker_env(sim_url: str, db_path: Path, *, key: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of a harness worker: no real key, no scaled clock unless ``extra`` sets one."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KEEPA_API_KEY", "DEALS_PIPELINE_TIME_SCALE", "DEALS_PIPELINE_TIME_ANCHOR", "SELECTION")}
+    env.update({
+        "SIM_URL": sim_url,
+        "DEALS_DB_PATH": str(db_path),
+        "SIM_KEY": key,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    })
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class WorkerRun:
+    key: str
+    args: list[str]
+    proc: subprocess.Popen
+    started: float
+    log_path: Path
+    kill_at: float | None = None
+    killed: bool = False
+    returncode: int | None = None
+    ended: float | None = None
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def start_worker(args: list[str], *, key: str, sim_url: str, db_path: Path, log_dir: Path,
+                 extra_env: dict[str, str] | None = None) -> WorkerRun:
+    log_path = log_dir / f"{key}.log"
+    out = open(log_path, "wb")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deals_pipeline_tests.harness.worker", *args],
+            cwd=REPO, env=worker_env(sim_url, db_path, key=key, extra=extra_env),
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    finally:
+        out.close()
+    return WorkerRun(key=key, args=args, proc=proc, started=time.monotonic(), log_path=log_path)
+
+
+def sigkill(run: WorkerRun) -> None:
+    """SIGKILL one worker we started (by its pid) and reap it."""
+    if run.proc.poll() is None:
+        run.proc.kill()
+        run.killed = True
+    run.returncode = run.proc.wait()
+    run.ended = time.monotonic()
+    # A worker that exited on its own in the same instant was not killed.
+    if run.returncode != -9:
+        run.killed = False
+
+
+# -- the database ----------------------------------------------------------------------------------
+
+
+def query(db_path: Path, sql: str, params: list | None = None) -> list[tuple]:
+    """One read on the DuckDB file (only call it when no worker is running)."""
+    con = duckdb.connect(str(db_path), read_only=True)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+def deals_snapshot(db_path: Path) -> dict[str, tuple]:
+    """Every stored deal row (all columns, as text), by ASIN."""
+    rows = query(db_path, "SELECT asin, * EXCLUDE (asin) FROM deals ORDER BY asin")
+    return {r[0]: tuple("" if v is None else str(v) for v in r[1:]) for r in rows}
+
+
+class Lane:
+    """Consecutive workers of one kind, each SIGKILLed at a random moment (or left to finish)."""
+
+    def __init__(self, name: str, args: list[str], *, sim_url: str, db_path: Path, log_dir: Path,
+                 rng: Any, kill_window_s: tuple[float, float] | None) -> None:
+        self.name = name
+        self.args = args
+        self.sim_url = sim_url
+        self.db_path = db_path
+        self.log_dir = log_dir
+        self.rng = rng
+        self.kill_window_s = kill_window_s
+        self.runs: list[WorkerRun] = []
+        self.current: WorkerRun | None = None
+
+    def step(self, now: float, *, may_start: bool = True) -> None:
+        run = self.current
+        if run is None:
+            if may_start:
+                run = start_worker(self.args, key=f"{self.name}-{len(self.runs):03d}", sim_url=self.sim_url,
+                                   db_path=self.db_path, log_dir=self.log_dir)
+                if self.kill_window_s is not None:
+                    run.kill_at = run.started + self.rng.uniform(*self.kill_window_s)
+                self.runs.append(run)
+                self.current = run
+            return
+        if run.proc.poll() is not None:
+            run.returncode = run.proc.returncode
+            run.ended = now
+            self.current = None
+        elif run.kill_at is not None and now >= run.kill_at:
+            sigkill(run)
+            self.current = None
+
+    def stop(self) -> None:
+        if self.current is not None:
+            sigkill(self.current)
+            self.current = None
+
+    @property
+    def kills(self) -> int:
+        return sum(1 for r in self.runs if r.killed)
+
+
+def run_lanes(lanes: list[Lane], *, until: Callable[[], bool], max_wall_s: float, poll_s: float = 0.02) -> float:
+    """Drive the lanes until ``until()`` or ``max_wall_s``; then SIGKILL whatever still runs."""
+    t0 = time.monotonic()
+    try:
+        while not until() and time.monotonic() - t0 < max_wall_s:
+            now = time.monotonic()
+            for lane in lanes:
+                lane.step(now)
+            time.sleep(poll_s)
+    finally:
+        for lane in lanes:
+            lane.stop()
+    return time.monotonic() - t0
+
+
+class Looper(threading.Thread):
+    """Call ``fn`` in a loop until stopped; keeps every outcome (or exception) in order."""
+
+    def __init__(self, fn: Callable[[], Any], *, pause_s: float = 0.0, name: str = "looper") -> None:
+        super().__init__(name=name, daemon=True)
+        self.fn = fn
+        self.pause_s = pause_s
+        self.outcomes: list[Any] = []
+        self.errors: list[BaseException] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.outcomes.append(self.fn())
+            except BaseException as exc:  # noqa: BLE001 - the test asserts on them
+                self.errors.append(exc)
+            self._halt.wait(self.pause_s)
+
+    def halt(self) -> None:
+        self._halt.set()
+        self.join(timeout=60)

@@ -1,0 +1,195 @@
+"""Chaos: 50+ random SIGKILLs across a multi-page backfill with the upserter interleaved.
+
+Two lanes of worker processes (``harness/worker.py``) run side by side against ONE simulator (in this
+process, real time, 2000 tokens/min, 10 ms latency) and ONE DuckDB file:
+
+* ``bf``: ``worker backfill --pages 0-3``, each process SIGKILLed 1-3 s after it started;
+* ``up``: ``worker upsert --runs 100000``, likewise.
+
+Every process gets its own API key, so the simulator's log says exactly which process was served
+what. Afterwards the database, the ledger and the simulator must agree:
+
+* nothing lost: every ASIN of a completed page's snapshot, and of every 'done' chunk, is stored;
+* nothing duplicated: one row per ASIN; a page snapshot is fetched again only when the process that
+  fetched it was killed before storing it;
+* re-spend is at most one request per kill: a paid /product (or snapshot) request is paid again only
+  when it was the last request of a killed process, so sum(n - 1) over the simulator's
+  product_fetches <= kills x chunk_size, and likewise for deal pages;
+* state invariants: the upsert watermark <= the newest stored lastUpdate and every deal between the
+  upserter's oldest pick and the watermark is stored; orphaned 'reserved' ledger rows are at most one
+  per killed process and stop counting once their TTL passes; the ledger's actual spend equals the
+  simulator's tokens_consumed minus at most the requests in flight when a process was killed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from deals_pipeline.budget import BudgetPolicy, TokenBudget
+from deals_pipeline.clock import ManualClock, SystemClock
+from deals_pipeline.simulator import FaultConfig, SimulatorConfig
+from deals_pipeline.storage import Database
+from deals_pipeline.upsert.service import Watermark, read_watermark
+from deals_pipeline_tests.reliability._support import Lane, RecordingSimulator, query, run_lanes
+
+CHUNK = 4  # the worker's chunk size (conftest.Stack.backfill / updater default)
+MIN_KILLS = 50
+KILL_WINDOW_S = (1.0, 3.0)  # worker startup is ~1 s: kill while it works
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sigkill_chaos_loses_nothing_and_respends_at_most_one_request_per_kill(tmp_path: Path) -> None:
+    seed = int(os.environ.get("RELIABILITY_SEED", str(time.time_ns() % 2**31)))
+    rng = random.Random(seed)
+    db_path = tmp_path / "chaos.duckdb"
+    with Database(db_path, data_mode="simulator").connect():
+        pass  # migrate once, before any worker races for it
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = SimulatorConfig(refill_rate=2000, catalog_size=800, seed=21, faults=FaultConfig(latency_ms=10))
+    with RecordingSimulator(config, clock=SystemClock()) as sim:
+        lanes = [
+            Lane("bf", ["backfill", "--pages", "0-3"], sim_url=sim.base_url, db_path=db_path, log_dir=logs,
+                 rng=rng, kill_window_s=KILL_WINDOW_S),
+            Lane("up", ["upsert", "--runs", "100000"], sim_url=sim.base_url, db_path=db_path, log_dir=logs,
+                 rng=rng, kill_window_s=KILL_WINDOW_S),
+        ]
+        wall = run_lanes(lanes, until=lambda: sum(lane.kills for lane in lanes) >= MIN_KILLS, max_wall_s=170)
+        served = sim.served_log()
+        stats = sim.stats()
+        versions = {v.asin: v.last_update for v in sim.catalog.versions()}  # no drift: one version each
+
+    runs = [r for lane in lanes for r in lane.runs]
+    killed = {r.key for r in runs if r.killed}
+    kills = len(killed)
+    kills_by_lane = {lane.name: lane.kills for lane in lanes}
+    assert kills >= MIN_KILLS, f"only {kills} kills in {wall:.0f}s (seed {seed})"
+
+    # -- every process that was not killed ended cleanly; none failed on a lock ------------------
+    finished = [r for r in runs if not r.killed]
+    assert all(r.returncode == 0 for r in finished), [(r.key, r.returncode, r.output()[-2000:]) for r in finished
+                                                       if r.returncode != 0]
+    for r in runs:
+        text = r.output()
+        assert "Traceback" not in text and "DatabaseBusy" not in text, (r.key, text[-2000:])
+
+    # -- who paid for what ------------------------------------------------------------------------
+    last_seq = {}
+    for s in served:
+        last_seq[s.who] = s.seq
+    product_fetches: dict[str, list] = defaultdict(list)
+    for s in served:
+        if s.endpoint == "product":
+            for asin in s.asins:
+                product_fetches[asin].append(s)
+    assert Counter({a: len(f) for a, f in product_fetches.items()}) == stats.product_fetches
+    snapshot_fetches: dict[int, list] = defaultdict(list)
+    for s in served:
+        if s.endpoint == "deal" and s.who.startswith("bf"):
+            assert s.sort_type == 4 and s.page in (0, 1, 2, 3), s
+            snapshot_fetches[s.page].append(s)
+
+    repaid_by: dict[str, set[int]] = defaultdict(set)  # killed process -> its requests that were paid again
+    races = []  # an ASIN fetched by the backfill and the upserter at once (the harness has no keepa_api pool)
+    for asin, fetches in product_fetches.items():
+        for earlier, later in zip(fetches, fetches[1:]):
+            if earlier.who in killed and earlier.seq == last_seq[earlier.who]:
+                repaid_by[earlier.who].add(earlier.seq)
+            else:
+                assert earlier.who[:2] != later.who[:2], (
+                    f"{asin} was paid twice by the {earlier.who[:2]} lane without a kill in between: "
+                    f"{earlier.who} (request {earlier.seq}) then {later.who} (request {later.seq})"
+                )
+                races.append((asin, earlier.who, later.who))
+    for page, fetches in snapshot_fetches.items():
+        for earlier in fetches[:-1]:
+            assert earlier.who in killed and earlier.seq == last_seq[earlier.who], (
+                f"page {page} snapshot fetched again although {earlier.who} was not killed while fetching it"
+            )
+            repaid_by[earlier.who].add(earlier.seq)
+    assert all(len(seqs) == 1 for seqs in repaid_by.values())  # at most one request per kill
+
+    product_respend = sum(n - 1 for n in stats.product_fetches.values())
+    page_respend = sum(len(f) - 1 for f in snapshot_fetches.values())
+    assert product_respend <= kills * CHUNK, (product_respend, kills)
+    assert page_respend <= kills_by_lane["bf"], (page_respend, kills_by_lane)
+
+    # -- the database ------------------------------------------------------------------------------
+    n_rows, n_distinct = query(db_path, "SELECT count(*), count(DISTINCT asin) FROM deals")[0]
+    assert n_rows == n_distinct
+    stored = dict(query(db_path, "SELECT asin, last_update_minute FROM deals"))
+    snapshots = {int(p): list(a) for p, a in query(db_path, "SELECT page, asins FROM page_snapshots")}
+    assert sorted(snapshots) == list(range(len(snapshots))), f"snapshot pages have a gap: {sorted(snapshots)}"
+    chunks = query(db_path, "SELECT page, chunk_index, asins, status FROM page_chunks ORDER BY page, chunk_index")
+    assert not [c for c in chunks if c[3] == "failed"], "no faults were injected: no chunk may fail"
+    by_page: dict[int, list] = defaultdict(list)
+    for page, index, asins, status in chunks:
+        by_page[int(page)].append((index, list(asins), status))
+    complete_pages = []
+    for page, asins in snapshots.items():
+        # The stored snapshot is what the simulator last served for that page (a killed fetch is never stored).
+        assert asins == list(snapshot_fetches[page][-1].asins)
+        # Chunks partition the snapshot exactly: nothing dropped between snapshot and chunks.
+        assert [a for _, chunk, _ in by_page[page] for a in chunk] == list(dict.fromkeys(asins))
+        if all(status == "done" for _, _, status in by_page[page]):
+            complete_pages.append(page)
+            missing = set(asins) - set(stored)
+            assert not missing, f"page {page} is complete but {len(missing)} of its deals are not stored"
+    done_chunks = [(p, i, a) for p, i, a, s in chunks if s == "done"]
+    assert done_chunks, "the backfill made no progress at all"
+    for page, index, asins in done_chunks:
+        assert set(asins) <= set(stored), f"page {page} chunk {index} is done but not stored"
+
+    # -- the upsert watermark ------------------------------------------------------------------------
+    db = Database(db_path, data_mode="simulator")
+    wm = read_watermark(db)
+    up_fetched = {a for s in served if s.endpoint == "product" and s.who.startswith("up") for a in s.asins}
+    below_wm_checked = 0
+    if wm is not None:
+        assert wm.last_update_minute <= max(stored.values())
+        lowest = min(Watermark(versions[a], a) for a in up_fetched)
+        for asin, minute in versions.items():
+            if lowest <= Watermark(minute, asin) <= wm:
+                below_wm_checked += 1
+                assert stored.get(asin, -1) >= minute, f"{asin}@{minute} is at or below the watermark but not stored"
+
+    # -- the ledger against the simulator --------------------------------------------------------------
+    pid_of = {r.key: r.proc.pid for r in runs}
+    killed_owners = {f"worker:{pid_of[k]}" for k in killed}
+    ledger_actual = query(db_path, "SELECT coalesce(sum(actual), 0) FROM token_ledger WHERE state <> 'released'")[0][0]
+    in_flight_bound = sum(s.tokens for s in served if s.who in killed and s.seq == last_seq[s.who])
+    gap = stats.tokens_consumed - int(ledger_actual)
+    assert 0 <= gap <= in_flight_bound, (stats.tokens_consumed, ledger_actual, in_flight_bound)
+
+    ttl = BudgetPolicy().reservation_ttl_ms
+    orphans = query(db_path, "SELECT owner, created_ms, expires_ms, actual, server_ts_ms FROM token_ledger "
+                             "WHERE state = 'reserved'")
+    assert {o[0] for o in orphans} <= killed_owners, "a process that was not killed left a reservation open"
+    assert max(Counter(o[0] for o in orphans).values(), default=0) <= 1, "a killed process left two reservations"
+    assert all(o[2] - o[1] == ttl for o in orphans)
+    blocking_now = sum(1 for o in orphans if o[4] is None)
+    latest_expiry = max((o[2] for o in orphans), default=0)
+    probe = TokenBudget(db, ManualClock(latest_expiry + 1), BudgetPolicy(), owner="probe")
+    assert probe.projection().reserved_in_flight == 0, "expired reservations still block spending"
+
+    summary = {
+        "seed": seed, "wall_s": round(wall, 1), "kills": kills, "kills_by_lane": kills_by_lane,
+        "processes": len(runs), "exited_cleanly": len(finished),
+        "pages_snapshotted": sorted(snapshots), "pages_complete": complete_pages,
+        "chunks_done": len(done_chunks), "chunks_total": len(chunks), "deals_stored": n_rows,
+        "product_respend_asins": product_respend, "respend_bound": kills * CHUNK,
+        "requests_paid_twice_after_kill": sum(len(v) for v in repaid_by.values()),
+        "snapshot_refetches": page_respend, "cross_lane_races": len(races),
+        "tokens_sim": stats.tokens_consumed, "tokens_ledger": int(ledger_actual), "gap": gap,
+        "gap_bound": in_flight_bound, "orphan_reservations": len(orphans), "orphans_blocking_now": blocking_now,
+        "watermark": None if wm is None else f"{wm.last_update_minute}/{wm.asin}",
+        "deals_checked_below_watermark": below_wm_checked, "rejected_429": stats.rejected_429,
+    }
+    print("CHAOS", summary)
