@@ -23,9 +23,13 @@ from deals_pipeline.config import (
     DEFAULT_DB_PATH,
     DEFAULT_SELECTION,
     DEFAULT_UPSERT_INTERVAL_S,
+    ENV_API_BASE_URL,
     ENV_API_KEY,
+    ENV_DB_PATH,
+    ENV_DOMAIN,
     ENV_MODE,
     ENV_SIMULATOR_URL,
+    ENV_UPSERT_INTERVAL_S,
 )
 from deals_pipeline.enrichment import ViabilityRules
 from deals_pipeline.keepa.client import KeepaClient
@@ -216,19 +220,32 @@ def build_runtime(
                    deadline_ms=token_budget.deadline_ms(clock))
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     """Resources for `definitions.py`: secrets and paths from the environment."""
+    domain = _env_int(ENV_DOMAIN, 1)
+    if not 1 <= domain <= 11:
+        raise ConfigError(f"{ENV_DOMAIN}={domain} is not a Keepa /deal domain (1..11, e.g. 1 = amazon.com)")
     return {
         "keepa": KeepaResource(
             api_key=dg.EnvVar(ENV_API_KEY) if os.environ.get(ENV_API_KEY) else None,
             mode=os.environ.get(ENV_MODE, "auto"),
             simulator_url=os.environ.get(ENV_SIMULATOR_URL) or None,
-            base_url=os.environ.get("KEEPA_API_BASE_URL", "https://api.keepa.com"),
-            domain=int(os.environ.get("KEEPA_DOMAIN", "1")),
+            base_url=os.environ.get(ENV_API_BASE_URL, "https://api.keepa.com"),
+            domain=domain,
         ),
-        "database": DealsDatabaseResource(path=os.environ.get("DEALS_DB_PATH", DEFAULT_DB_PATH)),
+        "database": DealsDatabaseResource(path=os.environ.get(ENV_DB_PATH, DEFAULT_DB_PATH)),
         "token_budget": TokenBudgetResource(),
         "query": DealQueryResource(
-            upsert_interval_s=int(os.environ.get("DEALS_UPSERT_INTERVAL_S", DEFAULT_UPSERT_INTERVAL_S))
+            upsert_interval_s=_env_int(ENV_UPSERT_INTERVAL_S, DEFAULT_UPSERT_INTERVAL_S)
         ),
     }

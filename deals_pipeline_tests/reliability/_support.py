@@ -65,6 +65,13 @@ class RecordingSimulator(KeepaSimulator):
         self.mutate_deal: Callable[[dict], Any] | None = None
         self.mutate_product: Callable[[dict], Any] | None = None
         self.hook_hits: dict[str, int] = {"deal_429": 0, "mutate_deal": 0, "mutate_product": 0}
+        #: key -> time.monotonic() of the first request that carried it (any endpoint)
+        self.first_contact: dict[str, float] = {}
+
+    def _process(self, method: str, endpoint: str, params: dict, body: bytes) -> _Reply:
+        key = _single(params, "key") or ""
+        self.first_contact.setdefault(key, time.monotonic())
+        return super()._process(method, endpoint, params, body)
 
     def _deal(self, method: str, params: dict, body: bytes, now: int) -> _Reply:
         try:
@@ -188,19 +195,34 @@ def deals_snapshot(db_path: Path) -> dict[str, tuple]:
 
 
 class Lane:
-    """Consecutive workers of one kind, each SIGKILLed at a random moment (or left to finish)."""
+    """Consecutive workers of one kind, each SIGKILLed at a random moment (or left to finish).
+
+    Kill moments: with probability ``p_startup`` uniformly in ``startup_window_s`` after the process
+    started (imports, DuckDB open/WAL replay, migration check, /token sync); otherwise uniformly in
+    ``work_window_s`` after the simulator first heard from the process (``first_contact``), i.e.
+    while it works. Process startup here is 1.3-2.5 s (imports incl. pandas/duckdb, two cores shared),
+    so anchoring on the first request is what "1-3 s after start with a ~1 s startup" intends.
+    """
 
     def __init__(self, name: str, args: list[str], *, sim_url: str, db_path: Path, log_dir: Path,
-                 rng: Any, kill_window_s: tuple[float, float] | None) -> None:
+                 rng: Any, first_contact: dict[str, float] | None = None,
+                 work_window_s: tuple[float, float] = (0.0, 2.0), startup_window_s: tuple[float, float] = (0.3, 1.5),
+                 p_startup: float = 0.1, give_up_s: float = 8.0, kill: bool = True) -> None:
         self.name = name
         self.args = args
         self.sim_url = sim_url
         self.db_path = db_path
         self.log_dir = log_dir
         self.rng = rng
-        self.kill_window_s = kill_window_s
+        self.first_contact = first_contact if first_contact is not None else {}
+        self.work_window_s = work_window_s
+        self.startup_window_s = startup_window_s
+        self.p_startup = p_startup
+        self.give_up_s = give_up_s
+        self.kill = kill
         self.runs: list[WorkerRun] = []
         self.current: WorkerRun | None = None
+        self.startup_kills = 0
 
     def step(self, now: float, *, may_start: bool = True) -> None:
         run = self.current
@@ -208,11 +230,18 @@ class Lane:
             if may_start:
                 run = start_worker(self.args, key=f"{self.name}-{len(self.runs):03d}", sim_url=self.sim_url,
                                    db_path=self.db_path, log_dir=self.log_dir)
-                if self.kill_window_s is not None:
-                    run.kill_at = run.started + self.rng.uniform(*self.kill_window_s)
+                if self.kill and self.rng.random() < self.p_startup:
+                    run.kill_at = run.started + self.rng.uniform(*self.startup_window_s)
+                    self.startup_kills += 1
                 self.runs.append(run)
                 self.current = run
             return
+        if self.kill and run.kill_at is None:
+            contact = self.first_contact.get(run.key)
+            if contact is not None:
+                run.kill_at = contact + self.rng.uniform(*self.work_window_s)
+            elif now - run.started > self.give_up_s:
+                run.kill_at = now
         if run.proc.poll() is not None:
             run.returncode = run.proc.returncode
             run.ended = now
