@@ -19,7 +19,7 @@ from deals_pipeline.budget import BudgetDeadline, Priority, Reservation, TokenBu
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import ConfigError
 from deals_pipeline.keepa.models import Deal, Product, ProductPage, TokenStatus
-from deals_pipeline.keepa.query import ProductOptions
+from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.storage import Database
 from deals_pipeline.storage.repository import Viability, deal_rows, stored_deals, upsert_deals, utcnow
 
@@ -123,6 +123,14 @@ class ChunkEnricher:
         self.source = source
         self.origin = origin
         self.priority = priority
+
+    @classmethod
+    def for_selection(cls, db: Database, client: KeepaClient, budget: TokenBudget, selection: "DealSelection", *,
+                      options: ProductOptions, rules: ViabilityRules, source: str, origin: str,
+                      priority: Priority) -> "ChunkEnricher":
+        """The enricher for deals of ``selection`` (its price type and domain)."""
+        return cls(db, client, budget, options=options, rules=rules, price_type=selection.price_types[0],
+                   domain_id=selection.domain_id, source=source, origin=origin, priority=priority)
 
     def plan(self, deals: Sequence[Deal], con: duckdb.DuckDBPyConnection | None = None) -> ChunkPlan:
         """Free: decide per ASIN (already stored at this version / filtered / to fetch)."""

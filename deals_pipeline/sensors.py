@@ -12,7 +12,7 @@ import os
 import dagster as dg
 
 from deals_pipeline.backfill.assets import deal_pages_job
-from deals_pipeline.budget import Priority
+from deals_pipeline.budget import BudgetError, Priority
 from deals_pipeline.clock import clock_from_env
 from deals_pipeline.config import (
     DEFAULT_BACKFILL_SENSOR_INTERVAL_S,
@@ -20,6 +20,7 @@ from deals_pipeline.config import (
     ENV_BACKFILL_SENSOR_INTERVAL_S,
     ENV_UPSERT_INTERVAL_S,
 )
+from deals_pipeline.keepa.errors import ConfigError
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE
 from deals_pipeline.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
 from deals_pipeline.storage import DatabaseBusy
@@ -36,6 +37,16 @@ IN_FLIGHT = [
 
 def _in_flight(context: dg.SensorEvaluationContext, job_name: str) -> int:
     return len(context.instance.get_run_records(dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT), limit=5))
+
+
+def _budget_gate(keepa, database, token_budget, query, *, priority: Priority, with_page: bool):
+    """(db, budget, cost, wait_ms) for one chunk (plus a deal page when ``with_page``). One short read."""
+    db = database.database(data_mode=keepa.data_mode())
+    budget = token_budget.budget(db, clock_from_env(), owner="sensor")
+    cost = int(budget.costs.products(query.chunk_size, query.product_options()))
+    if with_page:
+        cost += int(budget.costs.deal_pages())
+    return db, budget, cost, budget.wait_ms(cost, priority)
 
 
 def next_backfill_page(db, fingerprint: str) -> tuple[int | None, str]:
@@ -74,15 +85,13 @@ def deal_pages_sensor(
     if _in_flight(context, deal_pages_job.name):
         return dg.SkipReason("a backfill run is in flight")
     try:
-        db = database.database(data_mode=keepa.data_mode())
+        db, _, cost, wait_ms = _budget_gate(keepa, database, token_budget, query, priority=Priority.BACKFILL,
+                                            with_page=False)
         page, why = next_backfill_page(db, query.selection().fingerprint())
-        if page is None:
-            return dg.SkipReason(why)
-        budget = token_budget.budget(db, clock_from_env(), owner="sensor")
-        cost = int(budget.costs.products(query.chunk_size, query.product_options()))
-        wait_ms = budget.wait_ms(cost, Priority.BACKFILL)
-    except DatabaseBusy as busy:
-        return dg.SkipReason(f"database busy, will look again next tick: {busy}")
+    except (DatabaseBusy, ConfigError, BudgetError) as trouble:
+        return dg.SkipReason(f"not launching: {trouble}")
+    if page is None:
+        return dg.SkipReason(why)
     if wait_ms > 0:
         return dg.SkipReason(f"budget: a chunk ({cost} tokens) is affordable in {wait_ms / 1000:.0f} s")
     cursor = json.loads(context.cursor) if context.cursor else {}
@@ -112,21 +121,17 @@ def recent_deals_sensor(
     if _in_flight(context, recent_deals_job.name):
         return dg.SkipReason("an upsert run is in flight")
     try:
-        db = database.database(data_mode=keepa.data_mode())
-        budget = token_budget.budget(db, clock_from_env(), owner="sensor")
-        cost = int(budget.costs.products(query.chunk_size, query.product_options()))
-        wait_ms = budget.wait_ms(cost + int(budget.costs.deal_pages()), Priority.UPSERT)
-        rate = budget.projection().refill_rate
-    except DatabaseBusy as busy:
-        return dg.SkipReason(f"database busy, will look again next tick: {busy}")
+        _, budget, cost, wait_ms = _budget_gate(keepa, database, token_budget, query, priority=Priority.UPSERT,
+                                                with_page=True)
+        batch = budget.max_new_deals_per_run(query.upsert_sizing_mode, interval_s=query.upsert_interval_s)
+    except (DatabaseBusy, ConfigError, BudgetError) as trouble:
+        return dg.SkipReason(f"not launching: {trouble}")
     if wait_ms > 0:
-        return dg.SkipReason(f"budget: one page and one chunk are affordable in {wait_ms / 1000:.0f} s")
-    from deals_pipeline.budget.sizing import max_new_deals_per_run
-
-    batch = max_new_deals_per_run(rate)
+        return dg.SkipReason(f"budget: one page and one chunk ({cost} tokens) are affordable in {wait_ms / 1000:.0f} s")
     tick = int(context.cursor or 0) + 1
     context.update_cursor(str(tick))
     return dg.RunRequest(
         run_key=f"recent-deals-{tick}",
-        tags={"deals_pipeline/batch_size": str(batch), "deals_pipeline/reason": f"refill {rate}/min, chunk affordable"},
+        tags={"deals_pipeline/batch_size": str(batch),
+              "deals_pipeline/reason": f"refill {budget.projection().refill_rate}/min, a chunk is affordable"},
     )

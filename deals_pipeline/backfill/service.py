@@ -125,17 +125,9 @@ class PageBackfill:
         self.clock = clock
         self.fingerprint = settings.selection.fingerprint()
         self.price_type = settings.selection.price_types[0]
-        self.enricher = ChunkEnricher(
-            db,
-            client,
-            budget,
-            options=settings.product_options,
-            rules=settings.rules,
-            price_type=self.price_type,
-            domain_id=settings.selection.domain_id,
-            source=source,
-            origin="backfill",
-            priority=Priority.BACKFILL,
+        self.enricher = ChunkEnricher.for_selection(
+            db, client, budget, settings.selection, options=settings.product_options, rules=settings.rules,
+            source=source, origin="backfill", priority=Priority.BACKFILL,
         )
 
     # -- snapshot -------------------------------------------------------------------------------

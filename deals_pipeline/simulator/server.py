@@ -18,7 +18,7 @@ import hmac
 import json
 import logging
 import random
-import re
+
 import socket
 import threading
 import time
@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from deals_pipeline.clock import Clock, SystemClock
+from deals_pipeline.keepa.redact import redact
 from deals_pipeline.simulator.bucket import TokenBucket
 from deals_pipeline.simulator.catalog import (
     DEAL_PRICE_TYPES,
@@ -48,17 +49,6 @@ POST_FAULTS = ("truncated", "malformed")
 FAULT_KINDS = PRE_FAULTS + POST_FAULTS
 DEAL_PAGE_COST = 5
 MAX_ASINS = 100
-
-_KEY_RE = re.compile(r"(key=)[^&\s\"']*", re.IGNORECASE)
-
-
-def redact(text: str, secret: str | None = None) -> str:
-    """Replace ``key=...`` query values (and ``secret`` itself, when given) with ``<redacted>``."""
-    out = _KEY_RE.sub(r"\1<redacted>", text)
-    if secret:
-        out = out.replace(secret, "<redacted>")
-    return out
-
 
 @dataclass(frozen=True)
 class FaultConfig:

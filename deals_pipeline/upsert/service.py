@@ -139,17 +139,9 @@ class RecentDealsUpdater:
         self.budget = budget
         self.settings = settings
         self.clock = clock
-        self.enricher = ChunkEnricher(
-            db,
-            client,
-            budget,
-            options=settings.product_options,
-            rules=settings.rules,
-            price_type=settings.selection.price_types[0],
-            domain_id=settings.selection.domain_id,
-            source=source,
-            origin="upsert",
-            priority=Priority.UPSERT,
+        self.enricher = ChunkEnricher.for_selection(
+            db, client, budget, settings.selection, options=settings.product_options, rules=settings.rules,
+            source=source, origin="upsert", priority=Priority.UPSERT,
         )
 
     def batch_size(self) -> tuple[int, str]:

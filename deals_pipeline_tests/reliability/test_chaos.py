@@ -44,6 +44,8 @@ MIN_KILLS = 50
 #: with the brief's ~1 s startup); 10 % of the workers instead die during startup (0.3-1.5 s).
 WORK_WINDOW_S = (0.0, 2.0)
 P_STARTUP_KILL = 0.1
+#: A runaway guard only (about 90 s are needed on two shared cores); reaching it fails the test.
+MAX_WALL_S = 160
 
 
 @pytest.mark.slow
@@ -64,7 +66,18 @@ def test_sigkill_chaos_loses_nothing_and_respends_at_most_one_request_per_kill(t
             Lane("up", ["upsert", "--runs", "100000"], sim_url=sim.base_url, db_path=db_path, log_dir=logs,
                  rng=rng, first_contact=sim.first_contact, work_window_s=WORK_WINDOW_S, p_startup=P_STARTUP_KILL),
         ]
-        wall = run_lanes(lanes, until=lambda: sum(lane.kills for lane in lanes) >= MIN_KILLS, max_wall_s=170)
+
+        def crossed_a_page() -> bool:
+            # The worker fetches page 1 only after run_page(0) (no faults here: page 0 is complete);
+            # a /product after that means chunks of page 1 are being paid for.
+            log = sim.served_log()
+            first = next((s.seq for s in log if s.who.startswith("bf") and s.endpoint == "deal" and s.page >= 1), None)
+            return first is not None and any(s.seq > first and s.who.startswith("bf") and s.endpoint == "product"
+                                             for s in log)
+
+        # Stop on progress, not on time: 50 kills and the backfill working past its first page.
+        wall = run_lanes(lanes, until=lambda: sum(lane.kills for lane in lanes) >= MIN_KILLS and crossed_a_page(),
+                         max_wall_s=MAX_WALL_S)
         served = sim.served_log()
         stats = sim.stats()
         versions = {v.asin: v.last_update for v in sim.catalog.versions()}  # no drift: one version each
@@ -75,6 +88,7 @@ def test_sigkill_chaos_loses_nothing_and_respends_at_most_one_request_per_kill(t
     kills_by_lane = {lane.name: lane.kills for lane in lanes}
     startup_kills = sum(lane.startup_kills for lane in lanes)
     assert kills >= MIN_KILLS, f"only {kills} kills in {wall:.0f}s (seed {seed})"
+    assert crossed_a_page(), f"the backfill never got past page 0 in {wall:.0f}s of chaos (seed {seed})"
 
     # -- every process that was not killed ended cleanly; none failed on a lock ------------------
     finished = [r for r in runs if not r.killed]
