@@ -77,10 +77,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     instance = DagsterInstance.get()
     for page in _parse_pages(args.pages):
         result = job.execute_in_process(partition_key=str(page), instance=instance, raise_on_error=False)
-        metadata = {}
-        for event in result.all_events:
-            if event.event_type_value == "ASSET_MATERIALIZATION":
-                metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+        materializations = result.asset_materializations_for_node("deal_pages") if result.success else []
+        metadata = {k: v.value for k, v in materializations[-1].metadata.items()} if materializations else {}
         print(f"page {page}: {'ok' if result.success else 'FAILED'} "
               f"complete={metadata.get('complete')} chunks={metadata.get('chunks_done')}/{metadata.get('chunks_total')} "
               f"tokens={metadata.get('tokens_spent_this_run')}")

@@ -9,6 +9,7 @@ sensor stops there).
 
 import dagster as dg
 
+from deals_pipeline import __version__
 from deals_pipeline.backfill.service import PageSnapshot, page_count_for
 from deals_pipeline.budget import BudgetDeadline
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE
@@ -139,6 +140,7 @@ def write_page_summary(
         "backfill_eta_hours": round(forecast.eta_ms / 3_600_000, 2) if forecast.eta_ms is not None else -1.0,
         "backfill_tokens_needed": forecast.tokens_needed,
         "source": runtime.source,
+        "pipeline_version": __version__,  # which code ran (HAZARDS #20)
     }
     if summary.chunks_failed:
         raise dg.Failure(
@@ -155,6 +157,7 @@ def write_page_summary(
     group_name="keepa_deals",
     description="Keepa deal pages backfilled into DuckDB `deals`, one partition per page, exactly-once chunks.",
     kinds={"duckdb", "python"},
+    code_version=__version__,
 )
 def deal_pages():
     chunks = fetch_page_snapshot()

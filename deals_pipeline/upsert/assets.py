@@ -5,6 +5,7 @@ from datetime import timedelta
 
 import dagster as dg
 
+from deals_pipeline import __version__
 from deals_pipeline.resources import (
     DealQueryResource,
     DealsDatabaseResource,
@@ -21,6 +22,7 @@ from deals_pipeline.status import newest_deal_age_minutes
     group_name="keepa_deals",
     kinds={"duckdb", "python"},
     description="The newest Keepa deals, upserted into DuckDB `deals` behind a ratcheting watermark.",
+    code_version=__version__,
     freshness_policy=dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=6), warn_window=timedelta(hours=1)),
 )
 def recent_deals(
@@ -41,7 +43,8 @@ def recent_deals(
 
     report = updater.run(deadline_ms=runtime.deadline_ms, run_id=context.run_id[:12], on_chunk=progress)
     age = newest_deal_age_minutes(runtime.db, runtime.clock)
-    metadata = {**report.as_metadata(), "newest_deal_age_minutes": age, "source": runtime.source}
+    metadata = {**report.as_metadata(), "newest_deal_age_minutes": age if age is not None else -1.0,
+                "source": runtime.source, "pipeline_version": __version__}
     if report.status == "failed":
         raise dg.Failure(description=f"upsert failed after {report.chunks_done} committed chunks: {report.error}",
                          metadata=metadata)

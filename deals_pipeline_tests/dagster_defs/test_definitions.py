@@ -137,3 +137,26 @@ def test_recent_deals_sensor_tags_batch_size_and_uses_fresh_run_keys(sim, tmp_pa
     assert isinstance(first, dg.RunRequest) and isinstance(second, dg.RunRequest)
     assert first.run_key != second.run_key
     assert "deals_pipeline/batch_size" in first.tags
+
+
+@pytest.mark.slow
+def test_cli_backfill_runs_a_range_in_order_and_stops_at_the_short_page(sim, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    home = tmp_path / "home"
+    home.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    (home / "dagster.yaml").write_text((root / "dagster_home" / "dagster.yaml").read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEALS_PIPELINE_TIME")}
+    env.update(DAGSTER_HOME=str(home), DEALS_PIPELINE_MODE="simulator", KEEPA_SIMULATOR_URL=sim.base_url,
+               DEALS_DB_PATH=str(tmp_path / "cli.duckdb"))
+    done = subprocess.run([str(Path(sys.executable).parent / "deals-pipeline"), "backfill", "--pages", "1-5"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("page")]
+    assert lines[0].startswith("page 1: ok complete=True chunks=38/38")
+    assert lines[1].startswith("page 2: ok complete=True chunks=5/5")
+    assert lines[-1] == "page 2 is the query's last page: backfill complete"

@@ -44,6 +44,7 @@ class Served:
     sort_type: int | None
     asins: tuple[str, ...]
     tokens: int
+    tokens_left: int  # the bucket right after this charge
     t: float
 
 
@@ -88,7 +89,8 @@ class RecordingSimulator(KeepaSimulator):
             self.served.append(Served(
                 seq=len(self.served), who=_single(params, "key") or "", endpoint="deal", page=page,
                 sort_type=sel.get("sortType"), asins=tuple(d["asin"] for d in reply.body["deals"]["dr"]),
-                tokens=int(reply.body.get("tokensConsumed", 0)), t=time.monotonic(),
+                tokens=int(reply.body.get("tokensConsumed", 0)), tokens_left=int(reply.body.get("tokensLeft", 0)),
+                t=time.monotonic(),
             ))
             if self.mutate_deal is not None:
                 self.hook_hits["mutate_deal"] += 1
@@ -101,7 +103,8 @@ class RecordingSimulator(KeepaSimulator):
             self.served.append(Served(
                 seq=len(self.served), who=_single(params, "key") or "", endpoint="product", page=None,
                 sort_type=None, asins=tuple(p["asin"] for p in reply.body["products"]),
-                tokens=int(reply.body.get("tokensConsumed", 0)), t=time.monotonic(),
+                tokens=int(reply.body.get("tokensConsumed", 0)), tokens_left=int(reply.body.get("tokensLeft", 0)),
+                t=time.monotonic(),
             ))
             if self.mutate_product is not None:
                 self.hook_hits["mutate_product"] += 1
