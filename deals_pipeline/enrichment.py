@@ -81,19 +81,32 @@ class ChunkPlan:
 
 @dataclass
 class FetchedProducts:
-    page: ProductPage | None
-    reservation: Reservation | None
+    """What /product returned for a chunk: one response, or several when the chunk had to be split."""
+
+    pages: list[ProductPage] = field(default_factory=list)
+    reservations: list[Reservation] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
-        return self.page.status.tokens_consumed if self.page is not None else 0
+        return sum(p.status.tokens_consumed for p in self.pages)
 
     @property
     def status(self) -> TokenStatus | None:
-        return self.page.status if self.page is not None else None
+        return self.pages[-1].status if self.pages else None
 
     def by_asin(self) -> dict[str, Product]:
-        return {p.asin: p for p in self.page.products} if self.page is not None else {}
+        return {p.asin: p for page in self.pages for p in page.products}
+
+    def raw(self) -> dict[str, Any]:
+        """One response body holding every product (for staging), with the total tokensConsumed."""
+        merged = dict(self.pages[-1].raw)
+        merged["products"] = [p for page in self.pages for p in page.raw.get("products", [])]
+        merged["tokensConsumed"] = self.tokens
+        return merged
+
+    @classmethod
+    def from_staged(cls, body: dict[str, Any]) -> "FetchedProducts":
+        return cls([ProductPage.from_response(body)], [])
 
 
 class ChunkEnricher:
@@ -153,20 +166,34 @@ class ChunkEnricher:
     def predicted_cost(self, asin_count: int) -> int:
         return self.budget.costs.products(asin_count, self.options)
 
+    def requests_for(self, asins: Sequence[str]) -> list[list[str]]:
+        """Split ``asins`` so every request stays affordable within the bucket (HAZARDS #9/#44/#48).
+
+        A chunk of 4 always fits; a configured chunk too big for the learned refill rate (say 100 ASINs
+        with offers at 5/min) is split instead of driving the balance hundreds of tokens negative.
+        """
+        per_request = len(asins)
+        cap = self.budget.last_cap
+        if cap is None or int(self.predicted_cost(len(asins))) * 2 > cap:
+            per_request = self.budget.max_asins_affordable(self.options, self.priority, max_asins=len(asins))
+        return [list(asins[i : i + per_request]) for i in range(0, len(asins), max(1, per_request))]
+
     def fetch(self, asins: Sequence[str], *, deadline_ms: int | None, detail: str) -> FetchedProducts:
         """Pay for /product. Raises BudgetDeadline (nothing spent) or a KeepaError."""
-        if not asins:
-            return FetchedProducts(None, None)
-        page, reservation = self.budget.call(
-            lambda: self.client.products(list(asins), self.options),
-            cost=self.predicted_cost(len(asins)),
-            purpose="product",
-            priority=self.priority,
-            deadline_ms=deadline_ms,
-            detail=detail,
-            settle_now=False,
-        )
-        return FetchedProducts(page, reservation)
+        fetched = FetchedProducts()
+        for batch in self.requests_for(asins) if asins else []:
+            page, reservation = self.budget.call(
+                lambda batch=batch: self.client.products(batch, self.options),
+                cost=self.predicted_cost(len(batch)),
+                purpose="product",
+                priority=self.priority,
+                deadline_ms=deadline_ms,
+                detail=detail,
+                settle_now=False,
+            )
+            fetched.pages.append(page)
+            fetched.reservations.append(reservation)
+        return fetched
 
     def rows(self, plan: ChunkPlan, fetched: FetchedProducts) -> pd.DataFrame:
         """Rows for the fetched and filtered deals (fresh ones are already stored)."""
@@ -185,8 +212,8 @@ class ChunkEnricher:
     def commit(self, con: duckdb.DuckDBPyConnection, plan: ChunkPlan, fetched: FetchedProducts) -> tuple[int, int]:
         """Upsert the rows and settle the spend on ``con`` (inside the caller's transaction)."""
         new, updated = upsert_deals(con, self.rows(plan, fetched))
-        if fetched.reservation is not None:
-            self.budget.settle(fetched.reservation, fetched.tokens, fetched.status, con=con)
+        for page, reservation in zip(fetched.pages, fetched.reservations):
+            self.budget.settle(reservation, page.status.tokens_consumed, page.status, con=con)
         return new, updated
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from deals_pipeline.backfill.service import page_count_for
@@ -45,8 +44,8 @@ def collect_health(
         watermark = con.execute(
             "SELECT last_update_minute, asin FROM watermarks WHERE name = 'recent_deals'"
         ).fetchone()
-        category_counts = con.execute(
-            "SELECT raw_response->>'$.deals.categoryCount' FROM page_snapshots ORDER BY page LIMIT 1"
+        total_matches = con.execute(
+            "SELECT total_matches FROM page_snapshots ORDER BY page LIMIT 1"
         ).fetchone()
         upserts = con.execute(
             "SELECT count(*), count(*) FILTER (status IN ('complete', 'nothing_new')), max(finished_at) FROM upsert_runs"
@@ -62,8 +61,7 @@ def collect_health(
     in_flight = next(((p[0], p[4], p[3]) for p in pages if p[2] != "complete"), None)
     chunks_total = sum(p[3] for p in pages)
     chunks_done = sum(p[4] for p in pages)
-    counts = json.loads(category_counts[0]) if category_counts and category_counts[0] else None
-    pages_total = page_count_for(sum(counts)) if counts else None
+    pages_total = page_count_for(total_matches[0]) if total_matches and total_matches[0] is not None else None
     remaining_pages = 0 if complete or pages_total is None else max(0, pages_total - len(pages))
     forecast = budget.forecast(
         pages_remaining=remaining_pages,

@@ -2,8 +2,8 @@
 
 Real parts only: the Keepa samples (``samples_dir``), the simulator + DuckDB + budget on a ManualClock
 (``make_stack``), a scripted HTTP server replaying real sample bytes. No mocks. Each test names the
-hazard ids it proves. Three tests are strict xfails: they reproduce product bugs found while mapping
-(rows #18, #40, #44/#48 of the map) and will start failing, on purpose, once the bug is fixed.
+hazard ids it proves. Three tests reproduce product bugs found while mapping (rows #18, #40, #44/#48 of the map); they were
+fixed and the tests now guard them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.simulator import SimulatorConfig
 from deals_pipeline.storage import Database
 from deals_pipeline.storage.repository import DEAL_COLUMNS, Viability, deal_rows, stored_deals, upsert_deals, utcnow
+from deals_pipeline.storage.schema import SCHEMA_VERSION
 from deals_pipeline.upsert.service import RecentDealsUpdater, UpsertSettings, Watermark, read_watermark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,11 +111,6 @@ def test_h9_h44_the_default_chunk_worst_case_fits_the_5_per_minute_bucket(make_s
     assert query.chunk_size <= stack.budget.max_asins_affordable(options, Priority.BACKFILL)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "product bug: a chunk that can never be afforded is neither refused nor shrunk. CostModel clamps the "
-    "prediction to the cap (cost_model.py _estimate), so TokenBudget.acquire's 'cost exceeds cap + max deficit' "
-    "warning is unreachable and max_asins_affordable() is never called; BackfillSettings/DealQueryResource accept "
-    "chunk_size up to 100 (HAZARDS #9/#44/#48)"))
 def test_h44_h48_a_chunk_bigger_than_the_bucket_is_refused_or_shrunk(make_stack) -> None:
     stack = make_stack(config=SimulatorConfig(refill_rate=5))
     backfill = stack.backfill(chunk_size=100)
@@ -284,11 +280,6 @@ def test_h18_the_match_count_is_read_from_the_page(make_stack) -> None:
     assert page_count_for(snapshot.total_matches) == 3
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "product bug: total_matches = sum(categoryCount) (backfill/service.py _snapshot_from, status.py "
-    "collect_health). Keepa's categoryCount ignores category filters (KEEPA_API.md §4.4), so for the real "
-    "Books query it sums 2,919 across 24 root categories while the query matched 778 deals: pages_total 20 "
-    "instead of 6, ETA and query_total_matches ~3.75x too high (HAZARDS #18/#19)"))
 def test_h18_the_match_count_of_a_real_category_filtered_page(tmp_path, samples_dir) -> None:
     from deals_pipeline.backfill.service import BackfillSettings, PageBackfill, page_count_for
     from deals_pipeline_tests.keepa.http_fixture import Reply, ScriptedServer
@@ -368,10 +359,6 @@ def test_h40_a_write_failure_after_paying_never_pays_twice(make_stack) -> None:
     assert spent == stack.sim.stats().tokens_consumed  # the one payment is accounted once
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "product bug: storage/repository.py upsert_deals runs con.unregister('incoming_deals') in a `finally` on the "
-    "aborted transaction; that raises TransactionException ('Current transaction is aborted') and masks the real "
-    "Binder error, so page_chunks.error and the log never name the missing column (HAZARDS #40: fail loudly)"))
 def test_h40_the_recorded_error_names_the_schema_problem(make_stack) -> None:
     stack = make_stack(config=SimulatorConfig(refill_rate=500, catalog_size=8))
     backfill = stack.backfill(options=LEAN)
@@ -396,7 +383,7 @@ def test_h40_a_database_from_newer_code_is_refused(tmp_path) -> None:
             pass
     fresh = Database(tmp_path / "fresh.duckdb")
     with fresh.connect() as c:
-        assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
+        assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
 
 
 def test_h51_a_run_that_cannot_afford_its_next_unit_ends_cleanly_and_records_the_wait(make_stack) -> None:

@@ -119,7 +119,8 @@ def write_page_summary(
     stored = sum(r.get("stored", 0) for r in results)
     done = sum(1 for r in results if r["status"] == "done")
     deferred = sum(1 for r in results if r["status"] == "deferred")
-    total_pages = page_count_for(snapshot.total_matches)
+    # Unknown match count (a non-root category filter): count only this page's remaining work.
+    total_pages = page_count_for(snapshot.total_matches) if snapshot.total_matches is not None else page + 1
     remaining_pages = 0 if snapshot.is_last else max(0, total_pages - page - 1)
     remaining_chunks = summary.chunks_total - summary.chunks_done
     forecast = runtime.budget.forecast(

@@ -20,7 +20,7 @@ from deals_pipeline.clock import Clock
 from deals_pipeline.enrichment import ChunkEnricher, FetchedProducts, ViabilityRules
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import KeepaError
-from deals_pipeline.keepa.models import DEAL_PAGE_SIZE, MAX_DEAL_PAGE, Deal, DealPage, ProductPage
+from deals_pipeline.keepa.models import DEAL_PAGE_SIZE, MAX_DEAL_PAGE, Deal, DealPage
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.keepa.redact import redact
 from deals_pipeline.storage import Database
@@ -49,7 +49,7 @@ class PageSnapshot:
     fingerprint: str
     deals: tuple[Deal, ...]
     is_last: bool
-    total_matches: int
+    total_matches: int | None
     chunk_asins: tuple[tuple[str, ...], ...]
     tokens_consumed: int
     reused: bool
@@ -84,7 +84,7 @@ class PageSummary:
     failed_errors: tuple[str, ...]
     deals_on_page: int
     tokens_spent: int
-    total_matches: int
+    total_matches: int | None
 
     def as_metadata(self) -> dict[str, object]:
         return {
@@ -96,8 +96,28 @@ class PageSummary:
             "chunks_failed": self.chunks_failed,
             "deals_on_page": self.deals_on_page,
             "tokens_spent_page_total": self.tokens_spent,
-            "query_total_matches": self.total_matches,
+            "query_total_matches": self.total_matches if self.total_matches is not None else -1,
         }
+
+
+def estimate_total_matches(deal_page: DealPage, selection: DealSelection) -> int | None:
+    """Deals the query matches, from the page's per-root-category counts (KEEPA_API.md §4.4).
+
+    Category filters do not affect ``categoryCount``, the other filters do. So with
+    ``includeCategories`` only the included roots count (minus excluded roots); when an included id
+    is not a root category the count cannot be known (None). Capped at Keepa's 10,000.
+    """
+    counts = dict(zip(deal_page.category_ids, deal_page.category_counts))
+    if not counts:
+        return None
+    if selection.include_categories:
+        if not all(c in counts for c in selection.include_categories):
+            return None
+        total = sum(counts[c] for c in set(selection.include_categories))
+    else:
+        total = sum(counts.values())
+    total -= sum(counts.get(c, 0) for c in set(selection.exclude_categories or ()))
+    return min(max(total, 0), 10_000)
 
 
 def page_count_for(total_matches: int) -> int:
@@ -151,12 +171,15 @@ class PageBackfill:
         now = utcnow()
         with self.db.transaction() as con:
             con.execute(
-                "INSERT INTO page_snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                "INSERT INTO page_snapshots BY NAME SELECT ? AS page, ? AS selection_fingerprint, ? AS fetched_at, "
+                "? AS server_timestamp_ms, ? AS raw_count, ? AS deal_count, ? AS skipped_count, ? AS is_last, "
+                "? AS asins, ? AS tokens_consumed, ? AS raw_response, ? AS total_matches ON CONFLICT DO NOTHING",
                 [
                     page, self.fingerprint, now, deal_page.status.timestamp_ms, deal_page.raw_count,
                     len(deal_page.deals), len(deal_page.skipped), deal_page.is_last,
                     [d.asin for d in deal_page.deals], deal_page.status.tokens_consumed,
                     json.dumps(deal_page.raw, separators=(",", ":")),
+                    estimate_total_matches(deal_page, self.settings.selection),
                 ],
             )
             if chunks:
@@ -178,13 +201,12 @@ class PageBackfill:
         return [tuple(asins[i : i + size]) for i in range(0, len(asins), size)]
 
     def _snapshot_from(self, page: int, deal_page: DealPage, chunks, tokens: int, *, reused: bool) -> PageSnapshot:
-        counts = deal_page.category_counts
         return PageSnapshot(
             page=page,
             fingerprint=self.fingerprint,
             deals=deal_page.deals,
             is_last=deal_page.is_last,
-            total_matches=int(sum(counts)) if counts else deal_page.raw_count,
+            total_matches=estimate_total_matches(deal_page, self.settings.selection),
             chunk_asins=tuple(tuple(c) for c in chunks),
             tokens_consumed=tokens,
             reused=reused,
@@ -238,7 +260,7 @@ class PageBackfill:
         detail = f"page {page} chunk {chunk_index}"
         if staged is not None:
             # Paid for in an earlier run whose write failed: reuse it instead of paying again.
-            fetched = FetchedProducts(ProductPage.from_response(json.loads(staged[0])), None)
+            fetched = FetchedProducts.from_staged(json.loads(staged[0]))
             tokens = int(staged[1])
         else:
             try:
@@ -262,7 +284,7 @@ class PageBackfill:
                     [page, self.fingerprint, chunk_index],
                 )
         except Exception as exc:
-            if fetched.page is not None and staged is None:
+            if fetched.pages and staged is None:
                 self._stage(page, chunk_index, fetched)
             return self._record_failure(page, chunk_index, exc)
         return ChunkOutcome(
@@ -274,11 +296,11 @@ class PageBackfill:
         with self.db.transaction() as con:
             con.execute(
                 "INSERT OR REPLACE INTO chunk_staging VALUES (?, ?, ?, ?, ?, ?)",
-                [page, self.fingerprint, chunk_index, json.dumps(fetched.page.raw, separators=(",", ":")),
+                [page, self.fingerprint, chunk_index, json.dumps(fetched.raw(), separators=(",", ":")),
                  fetched.tokens, utcnow()],
             )
-            if fetched.reservation is not None:
-                self.budget.settle(fetched.reservation, fetched.tokens, fetched.status, con=con)
+            for product_page, reservation in zip(fetched.pages, fetched.reservations):
+                self.budget.settle(reservation, product_page.status.tokens_consumed, product_page.status, con=con)
 
     def _record_failure(self, page: int, chunk_index: int, exc: Exception) -> ChunkOutcome:
         message = redact(f"{type(exc).__name__}: {exc}")[:500]

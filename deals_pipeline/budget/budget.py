@@ -608,6 +608,12 @@ class TokenBudget:
         synced = False
         while True:
             now = self.clock.now_ms()
+            if deadline_ms is not None and now > deadline_ms:
+                # The run's time is up even if tokens are there: stop cleanly, progress saved (HAZARDS #38).
+                raise BudgetDeadline(
+                    f"{purpose}: the run deadline has passed", wait_ms=0, need=tokens, cost=tokens,
+                    deadline_ms=deadline_ms, now_ms=now,
+                )
 
             def run(c: duckdb.DuckDBPyConnection) -> tuple[Decision, Reservation | None, bool]:
                 st = self._load(c, now)

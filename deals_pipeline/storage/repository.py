@@ -159,7 +159,10 @@ def upsert_deals(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame) -> tuple[i
             f"WHERE excluded.last_update_minute >= deals.last_update_minute"
         )
     finally:
-        con.unregister("incoming_deals")
+        try:
+            con.unregister("incoming_deals")
+        except duckdb.Error:
+            pass  # the transaction already failed: keep the original error, not "transaction aborted"
     return len(frame) - int(existing), int(existing)
 
 

@@ -171,6 +171,10 @@ MIGRATIONS: list[str] = [
         watermark_after BIGINT
     );
     """,
+    # v2: the query's match count, estimated once per snapshot (see backfill.service.estimate_total_matches)
+    """
+    ALTER TABLE page_snapshots ADD COLUMN total_matches INTEGER;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

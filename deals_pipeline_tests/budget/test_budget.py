@@ -123,14 +123,15 @@ def test_upserter_goes_first_in_recharge_mode(make_budget: MakeBudget, clock: Ma
     b.observe(status(clock, -20, refill_in=60_000))
     assert b.projection().recharging
     up, back = b.decide(30, Priority.UPSERT), b.decide(30, Priority.BACKFILL)
-    assert (up.level, back.level) == (80, 120)
-    assert up.wait_ms < back.wait_ms  # no tie at the burst level: the upserter wakes first
+    # Recharge mode holds back only the bulk spender: the upserter needs a positive balance, the backfill
+    # the burst level plus the upserter's reserve.
+    assert (up.level, back.level) == (1, 120)
+    assert up.wait_ms < back.wait_ms
     clock.advance(up.wait_ms)
     assert b.wait_ms(30, Priority.UPSERT) == 0
-    b.acquire(30, purpose="upsert", priority=Priority.UPSERT)  # 80 -> 50
-    # Out of recharge now; the backfill still keeps the upserter's reserve: needs 50 - 40 > 0 and fits.
-    assert b.wait_ms(30, Priority.BACKFILL) == 0
-    assert b.wait_ms(71, Priority.BACKFILL) > 0  # 50 - 40 - 71 < -60
+    b.acquire(30, purpose="upsert", priority=Priority.UPSERT)  # 5 -> -25: still recharging
+    assert b.projection().recharging
+    assert b.decide(30, Priority.BACKFILL).level == 120
 
 
 def test_reserve_is_clamped_to_half_the_cap(make_budget: MakeBudget, clock: ManualClock) -> None:
@@ -142,31 +143,32 @@ def test_reserve_is_clamped_to_half_the_cap(make_budget: MakeBudget, clock: Manu
 
 
 def test_recharge_mode_is_shared_and_derived_from_state(make_budget: MakeBudget, clock: ManualClock) -> None:
-    a = make_budget("a")  # default: 5/min < 10/min -> recharge mode with burst 80
+    # Default 5/min < 10/min -> recharge mode with burst 80; it gates the backfill (no reserve here).
+    a = make_budget("a", policy=BudgetPolicy(upsert_reserve=0))
     a.observe(status(clock, 50, refill_in=60_000))
     assert not a.projection().recharging
-    r = a.acquire(60, purpose="p", priority=Priority.UPSERT)  # takes the projection to -10
-    b = make_budget("b")
+    r = a.acquire(60, purpose="p", priority=Priority.BACKFILL)  # takes the projection to -10
+    b = make_budget("b", policy=BudgetPolicy(upsert_reserve=0))
     assert b.projection().recharging  # persisted: another process sees it
     clock.advance(1)
     a.settle(r, 60, status(clock, -10, refill_in=59_999, consumed=60))
     # Needs 80 again: 18 refills.
-    assert b.wait_ms(5, Priority.UPSERT) == 59_999 + 17 * 60_000 + 1_000
+    assert b.wait_ms(5, Priority.BACKFILL) == 59_999 + 17 * 60_000 + 1_000
     clock.advance(59_999 + 16 * 60_000 + 1_000)
     assert b.projection().balance == 75 and b.projection().recharging
     clock.advance(60_000)
     assert b.projection().balance == 80 and not b.projection().recharging
-    assert b.wait_ms(5, Priority.UPSERT) == 0
+    assert b.wait_ms(5, Priority.BACKFILL) == 0
     # Hovering above the threshold after that does not re-enter recharge mode...
-    b.acquire(70, purpose="p", priority=Priority.UPSERT)
+    b.acquire(70, purpose="p", priority=Priority.BACKFILL)
     assert not b.projection().recharging and b.projection().balance == 10
     # ...but reaching it does, and a learned higher rate switches it off (not sticky, HAZARDS #41).
-    b.acquire(10, purpose="p", priority=Priority.UPSERT)
+    b.acquire(10, purpose="p", priority=Priority.BACKFILL)
     assert b.projection().recharging
     clock.advance(1)
     b.observe(status(clock, 0, rate=20))
-    assert not b.projection().recharging and b.wait_ms(5, Priority.UPSERT) > 0
-    assert b.decide(5, Priority.UPSERT).level == 1
+    assert not b.projection().recharging and b.wait_ms(5, Priority.BACKFILL) > 0
+    assert b.decide(5, Priority.BACKFILL).level == 1
 
 
 def test_unknown_state_needs_sync(make_budget: MakeBudget, clock: ManualClock) -> None:

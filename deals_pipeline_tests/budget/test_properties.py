@@ -70,10 +70,12 @@ def test_sample_429_through_the_budget(tmp_path: Path) -> None:
     budget = TokenBudget(Database(tmp_path / "b.duckdb"), clock, BudgetPolicy(margin_ms=0, low_rate_below=0))
     budget.observe(SAMPLE_429)
     assert budget.wait_ms(1, Priority.UPSERT) == 2_985_592
-    # Recharge mode on (5/min < 10): the wait is for the burst level 80 instead.
+    # Recharge mode on (5/min < 10): the upserter still waits only for its own cost (it is not held back
+    # by recharge mode); the backfill waits for the burst level 80 plus the upserter's reserve of 40.
     budget2 = TokenBudget(Database(tmp_path / "c.duckdb"), clock, BudgetPolicy(margin_ms=0))
     budget2.observe(SAMPLE_429)
-    assert budget2.wait_ms(1, Priority.UPSERT) == formula_wait(SAMPLE_429, 80, clock.now_ms(), 0) == 45_592 + 65 * 60_000
+    assert budget2.wait_ms(1, Priority.UPSERT) == 2_985_592
+    assert budget2.wait_ms(1, Priority.BACKFILL) == formula_wait(SAMPLE_429, 120, clock.now_ms(), 0) == 45_592 + 73 * 60_000
 
 
 @settings(max_examples=400, deadline=None)
@@ -227,7 +229,8 @@ def test_learned_rate_5_then_50_then_200(tmp_path: Path) -> None:
     budget.observe(status(clock, 0, rate=5))
     assert budget.thresholds().recharge_enabled and budget.thresholds().cap == 300
     assert budget.max_new_deals_per_run() == 20
-    assert budget.decide(10, Priority.UPSERT).level == 80  # recharge: burst level
+    assert budget.decide(10, Priority.BACKFILL).level == 80 + 40  # recharge: burst level + upsert reserve
+    assert budget.decide(10, Priority.UPSERT).level == 1  # recharge mode gates only the backfill
     clock.advance(1)
     budget.observe(status(clock, 0, rate=50))
     assert budget.thresholds().cap == 3000 and not budget.thresholds().recharge_enabled

@@ -21,7 +21,8 @@ OPTIONS = ProductOptions(stats=90, offers=20, rating=True)
 
 def test_429_then_computed_wait_succeeds(tmp_path: Path, sentinel_key: str) -> None:
     clock = ManualClock(START_MS)
-    budget = TokenBudget(Database(tmp_path / "b.duckdb"), clock, BudgetPolicy(), "upsert")
+    # The backfill (bulk spender) is the one that recharges to the burst level; no reserve here.
+    budget = TokenBudget(Database(tmp_path / "b.duckdb"), clock, BudgetPolicy(upsert_reserve=0), "backfill")
     seen: list[TokenStatus] = []
 
     def on_status(s: TokenStatus) -> None:
@@ -36,7 +37,7 @@ def test_429_then_computed_wait_succeeds(tmp_path: Path, sentinel_key: str) -> N
         asins = sim.catalog.asins()[:4]
         page, res = budget.call(
             lambda: client.products(asins, OPTIONS), cost=budget.costs.products(4, OPTIONS),
-            purpose="product", priority=Priority.UPSERT, deadline_ms=None,
+            purpose="product", priority=Priority.BACKFILL, deadline_ms=None,
         )
         stats = sim.stats()
     s429 = seen[0]

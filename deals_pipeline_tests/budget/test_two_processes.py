@@ -49,7 +49,7 @@ def test_two_processes_share_one_budget(tmp_path: Path, sentinel_key: str) -> No
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         results = []
         for p in procs:
-            out, err = p.communicate(timeout=50)
+            out, err = p.communicate(timeout=180)
             assert p.returncode == 0, err[-3000:]
             results.append(json.loads(out.strip().splitlines()[-1]))
         stats = sim.stats()
