@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,7 +94,7 @@ class RecordingSimulator(KeepaSimulator):
             ))
             if self.mutate_deal is not None:
                 self.hook_hits["mutate_deal"] += 1
-                reply.body = self.mutate_deal(copy.deepcopy(reply.body))
+                _damage(reply, self.mutate_deal(copy.deepcopy(reply.body)))
         return reply
 
     def _product(self, params: dict, now: int) -> _Reply:
@@ -108,12 +108,20 @@ class RecordingSimulator(KeepaSimulator):
             ))
             if self.mutate_product is not None:
                 self.hook_hits["mutate_product"] += 1
-                reply.body = self.mutate_product(copy.deepcopy(reply.body))
+                _damage(reply, self.mutate_product(copy.deepcopy(reply.body)))
         return reply
 
     def served_log(self) -> list[Served]:
         with self._lock:
             return list(self.served)
+
+
+def _damage(reply: _Reply, new_body: Any) -> None:
+    """A mutator returns a new JSON value, or ``bytes`` for a body that is not JSON at all."""
+    if isinstance(new_body, bytes):
+        reply.raw = new_body
+    else:
+        reply.body = new_body
 
 
 # -- worker processes ----------------------------------------------------------------------------
@@ -154,6 +162,7 @@ class WorkerRun:
 
 def start_worker(args: list[str], *, key: str, sim_url: str, db_path: Path, log_dir: Path,
                  extra_env: dict[str, str] | None = None) -> WorkerRun:
+    """Start ``python -m deals_pipeline_tests.harness.worker <args>`` with its own key; output to a file."""
     log_path = log_dir / f"{key}.log"
     out = open(log_path, "wb")
     try:
@@ -191,6 +200,37 @@ def query(db_path: Path, sql: str, params: list | None = None) -> list[tuple]:
         con.close()
 
 
+def match_ledger(db_path: Path, runs: list["WorkerRun"], served: list[Served]) -> tuple[dict[int, bool], int]:
+    """Pair every served request with its ledger row: ``({seq: committed}, tokens charged but never recorded)``.
+
+    Each ``budget.call`` is one ledger row owned by ``worker:<pid>``, reserved before the request and in
+    the same order as that process's served requests (a 429 is 'released': not served, not counted; these
+    runs have no other faults). A killed process may own one more row (reserved,
+    never sent). A row still 'reserved' was never committed: a chunk's rows, done mark and settle share
+    one transaction. A row whose ``actual`` is NULL belongs to a response the process died before
+    recording; any other row must hold exactly what the simulator charged.
+    """
+    rows: dict[str, list[tuple]] = {}
+    for owner, state, actual in query(db_path, "SELECT owner, state, actual FROM token_ledger "
+                                               "WHERE purpose IN ('deal_page', 'product') AND state <> 'released' "
+                                               "ORDER BY created_ms, rowid"):
+        rows.setdefault(owner, []).append((state, actual))
+    committed: dict[int, bool] = {}
+    unrecorded = 0
+    for run in runs:
+        mine = [s for s in served if s.who == run.key]
+        states = rows.get(f"worker:{run.proc.pid}", [])
+        assert len(states) - len(mine) in ((0, 1) if run.killed else (0,)), (run.key, len(states), len(mine))
+        for s, (state, actual) in zip(mine, states):
+            committed[s.seq] = state == "settled"
+            assert run.killed or state == "settled", (run.key, s.seq, state)
+            if actual is None:
+                unrecorded += s.tokens
+            else:
+                assert actual == s.tokens, (run.key, s.seq, actual, s.tokens)
+    return committed, unrecorded
+
+
 def deals_snapshot(db_path: Path) -> dict[str, tuple]:
     """Every stored deal row (all columns, as text), by ASIN."""
     rows = query(db_path, "SELECT asin, * EXCLUDE (asin) FROM deals ORDER BY asin")
@@ -210,7 +250,8 @@ class Lane:
     def __init__(self, name: str, args: list[str], *, sim_url: str, db_path: Path, log_dir: Path,
                  rng: Any, first_contact: dict[str, float] | None = None,
                  work_window_s: tuple[float, float] = (0.0, 2.0), startup_window_s: tuple[float, float] = (0.3, 1.5),
-                 p_startup: float = 0.1, give_up_s: float = 8.0, kill: bool = True) -> None:
+                 p_startup: float = 0.1, give_up_s: float = 8.0, kill: bool = True,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.name = name
         self.args = args
         self.sim_url = sim_url
@@ -223,6 +264,7 @@ class Lane:
         self.p_startup = p_startup
         self.give_up_s = give_up_s
         self.kill = kill
+        self.extra_env = extra_env
         self.runs: list[WorkerRun] = []
         self.current: WorkerRun | None = None
         self.startup_kills = 0
@@ -232,7 +274,7 @@ class Lane:
         if run is None:
             if may_start:
                 run = start_worker(self.args, key=f"{self.name}-{len(self.runs):03d}", sim_url=self.sim_url,
-                                   db_path=self.db_path, log_dir=self.log_dir)
+                                   db_path=self.db_path, log_dir=self.log_dir, extra_env=self.extra_env)
                 if self.kill and self.rng.random() < self.p_startup:
                     run.kill_at = run.started + self.rng.uniform(*self.startup_window_s)
                     self.startup_kills += 1
@@ -276,6 +318,17 @@ def run_lanes(lanes: list[Lane], *, until: Callable[[], bool], max_wall_s: float
         for lane in lanes:
             lane.stop()
     return time.monotonic() - t0
+
+
+def backfill_job(resources: dict) -> Any:
+    """``deal_pages_job`` resolved with the given resources (as ``definitions.py`` does with the defaults)."""
+    import dagster as dg
+
+    from deals_pipeline.backfill.assets import deal_pages, deal_pages_job
+
+    defs = dg.Definitions(assets=[deal_pages], jobs=[deal_pages_job], resources=resources,
+                          executor=dg.in_process_executor)
+    return defs.resolve_job_def(deal_pages_job.name)
 
 
 class Looper(threading.Thread):
