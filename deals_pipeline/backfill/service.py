@@ -19,7 +19,7 @@ from deals_pipeline.budget import BudgetDeadline, Priority, TokenBudget
 from deals_pipeline.clock import Clock
 from deals_pipeline.enrichment import ChunkEnricher, FetchedProducts, ViabilityRules
 from deals_pipeline.keepa.client import KeepaClient
-from deals_pipeline.keepa.errors import KeepaError
+from deals_pipeline.keepa.errors import KeepaError, MalformedPayload
 from deals_pipeline.keepa.models import DEAL_PAGE_SIZE, MAX_DEAL_PAGE, Deal, DealPage
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.keepa.redact import redact
@@ -29,6 +29,11 @@ from deals_pipeline.storage.repository import utcnow
 log = logging.getLogger(__name__)
 
 ChunkStatus = Literal["done", "already_done", "deferred", "failed"]
+
+#: A paid /product response that lacks some of the chunk's products (malformed entries) fails the
+#: chunk so the next run fetches them again; after this many attempts the deals are stored without
+#: enrichment rather than paying for the same broken product forever.
+MAX_PRODUCT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -243,7 +248,7 @@ class PageBackfill:
         page = snapshot.page
         with self.db.connect() as con:
             row = con.execute(
-                "SELECT status FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                "SELECT status, attempts FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
                 [page, self.fingerprint, chunk_index],
             ).fetchone()
             if row is None:
@@ -270,6 +275,14 @@ class PageBackfill:
             except KeepaError as exc:
                 return self._record_failure(page, chunk_index, exc)
             tokens = fetched.tokens
+            missing = [a for a in plan.to_fetch if a not in fetched.by_asin()]
+            if missing:
+                message = (f"{len(missing)} paid product(s) came back malformed or missing: {', '.join(missing[:4])}"
+                           f" (attempt {int(row[1]) + 1} of {MAX_PRODUCT_ATTEMPTS})")
+                if int(row[1]) + 1 < MAX_PRODUCT_ATTEMPTS:
+                    return self._record_failure(page, chunk_index, MalformedPayload(message), fetched)
+                log.warning("page %d chunk %d: storing without enrichment after %d attempts: %s",
+                            page, chunk_index, MAX_PRODUCT_ATTEMPTS, message)
         try:
             with self.db.transaction() as con:
                 new, updated = self.enricher.commit(con, plan, fetched)
@@ -302,15 +315,20 @@ class PageBackfill:
             for product_page, reservation in zip(fetched.pages, fetched.reservations):
                 self.budget.settle(reservation, product_page.status.tokens_consumed, product_page.status, con=con)
 
-    def _record_failure(self, page: int, chunk_index: int, exc: Exception) -> ChunkOutcome:
+    def _record_failure(
+        self, page: int, chunk_index: int, exc: Exception, fetched: FetchedProducts | None = None
+    ) -> ChunkOutcome:
         message = redact(f"{type(exc).__name__}: {exc}")[:500]
         log.warning("page %d chunk %d failed (will be retried by the next run): %s", page, chunk_index, message)
         with self.db.transaction() as con:
             con.execute(
-                "UPDATE page_chunks SET status = 'failed', attempts = attempts + 1, error = ?, updated_at = ? "
+                "UPDATE page_chunks SET status = 'failed', attempts = attempts + 1, error = ?, "
+                "tokens_spent = tokens_spent + ?, updated_at = ? "
                 "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
-                [message, utcnow(), page, self.fingerprint, chunk_index],
+                [message, fetched.tokens if fetched else 0, utcnow(), page, self.fingerprint, chunk_index],
             )
+            for product_page, reservation in zip(fetched.pages if fetched else [], fetched.reservations if fetched else []):
+                self.budget.settle(reservation, product_page.status.tokens_consumed, product_page.status, con=con)
         return ChunkOutcome(page, chunk_index, "failed", error=message)
 
     # -- summary --------------------------------------------------------------------------------

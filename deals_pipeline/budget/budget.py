@@ -37,6 +37,10 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------------------------------
 
 
+#: How far ahead of our clock a server timestamp may be (clock skew) before it is distrusted.
+FUTURE_STATUS_TOLERANCE_MS = 5 * 60_000
+
+
 class Priority(IntEnum):
     """Who goes first. Lower value = higher priority."""
 
@@ -463,10 +467,17 @@ class TokenBudget:
         On a timestamp tie the lower balance wins. A stored status is taken to include every request
         that was answered (settled) or failed before it, so those rows stop counting as in flight.
         """
+        if status.timestamp_ms > now_ms + FUTURE_STATUS_TOLERANCE_MS:
+            # A status from the future would make every truthful later one look "older" and freeze the
+            # shared projection: ignore it (the next sane envelope re-bases the budget).
+            log.warning("ignoring a token status stamped %d s ahead of this clock",
+                        (status.timestamp_ms - now_ms) // 1000)
+            return False
         row = con.execute("SELECT timestamp_ms, tokens_left FROM token_server_status WHERE id = 1").fetchone()
         if row is not None:
             ts, left = int(row[0]), int(row[1])
-            if status.timestamp_ms < ts or (status.timestamp_ms == ts and status.tokens_left > left):
+            stored_is_sane = ts <= now_ms + FUTURE_STATUS_TOLERANCE_MS
+            if stored_is_sane and (status.timestamp_ms < ts or (status.timestamp_ms == ts and status.tokens_left > left)):
                 return False
         con.execute(
             "INSERT OR REPLACE INTO token_server_status (id, tokens_left, refill_in_ms, refill_rate, timestamp_ms, recorded_at_ms)"

@@ -11,6 +11,9 @@ from typing import Any, Mapping
 
 from deals_pipeline.keepa.errors import MalformedPayload
 
+#: Envelope timestamps are Unix ms between Keepa's epoch (2011) and 2100.
+_EARLIEST_TIMESTAMP_MS = 1_293_840_000_000
+_LATEST_TIMESTAMP_MS = 4_102_444_800_000
 #: Keepa refills once per minute.
 REFILL_PERIOD_MS = 60_000
 #: The bucket holds one hour of refill (300 at 5/min, observed).
@@ -49,19 +52,28 @@ class TokenStatus:
             raise MalformedPayload(f"response body is {type(obj).__name__}, not a JSON object")
         refill_rate = _int_field(obj, "refillRate")
         refill_in = _int_field(obj, "refillIn")
-        if refill_rate < 0:
-            raise MalformedPayload(f"refillRate {refill_rate} is negative", field="refillRate")
+        if not 0 <= refill_rate <= 1_000_000:
+            raise MalformedPayload(f"refillRate {refill_rate} is out of range", field="refillRate")
         if not 0 <= refill_in <= 10 * REFILL_PERIOD_MS:
             raise MalformedPayload(f"refillIn {refill_in} ms is out of range", field="refillIn")
         flow = obj.get("tokenFlowReduction", 0.0)
         if isinstance(flow, bool) or not isinstance(flow, (int, float)):
             raise MalformedPayload("envelope field 'tokenFlowReduction' is not a number", field="tokenFlowReduction")
+        tokens_left = _int_field(obj, "tokensLeft")
+        if not -(2**31) <= tokens_left <= 2**31 - 1:
+            raise MalformedPayload(f"tokensLeft {tokens_left} is out of range", field="tokensLeft")
+        timestamp = _int_field(obj, "timestamp")
+        if not _EARLIEST_TIMESTAMP_MS <= timestamp <= _LATEST_TIMESTAMP_MS:
+            raise MalformedPayload(f"timestamp {timestamp} is not a time between 2011 and 2100", field="timestamp")
+        consumed = _int_field(obj, "tokensConsumed", required=False)
+        if not 0 <= consumed <= 2**31 - 1:
+            raise MalformedPayload(f"tokensConsumed {consumed} is out of range", field="tokensConsumed")
         return cls(
-            tokens_left=_int_field(obj, "tokensLeft"),
+            tokens_left=tokens_left,
             refill_in_ms=refill_in,
             refill_rate=refill_rate,
-            timestamp_ms=_int_field(obj, "timestamp"),
-            tokens_consumed=_int_field(obj, "tokensConsumed", required=False),
+            timestamp_ms=timestamp,
+            tokens_consumed=consumed,
             token_flow_reduction=float(flow),
             processing_time_ms=_int_field(obj, "processingTimeInMs", required=False),
         )
@@ -195,7 +207,13 @@ def _req(obj: Mapping[str, Any], name: str) -> Any:
     return obj[name]
 
 
-def _int(obj: Mapping[str, Any], name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+#: Prices, ranks, counts and percentages are stored as 32-bit INTEGER, category ids as 64-bit BIGINT:
+#: a value outside them is malformed (it would otherwise parse, then fail every write of its chunk).
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
+def _int(obj: Mapping[str, Any], name: str, *, minimum: int | None = None, maximum: int | None = INT32_MAX) -> int:
     v = _req(obj, name)
     if not _is_int(v):
         raise MalformedPayload(f"field {name!r} must be an int, got {type(v).__name__}", field=name)
@@ -211,7 +229,7 @@ def _minute(obj: Mapping[str, Any], name: str) -> int:
     return _int(obj, name, minimum=0, maximum=MAX_KEEPA_MINUTE)
 
 
-def _int_list(value: Any, name: str, *, min_len: int = 1) -> tuple[int, ...]:
+def _int_list(value: Any, name: str, *, min_len: int = 1, lo: int = INT32_MIN, hi: int = INT32_MAX) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise MalformedPayload(f"field {name!r} must be a list, got {type(value).__name__}", field=name)
     if len(value) > MAX_ARRAY_LEN:
@@ -221,6 +239,8 @@ def _int_list(value: Any, name: str, *, min_len: int = 1) -> tuple[int, ...]:
     for i, v in enumerate(value):
         if not _is_int(v):
             raise MalformedPayload(f"field {name!r}[{i}] must be an int, got {type(v).__name__}", field=name)
+        if not lo <= v <= hi:
+            raise MalformedPayload(f"field {name!r}[{i}] = {v} is out of range", field=name)
     return tuple(value)
 
 
@@ -325,8 +345,8 @@ class Deal:
             delta_last=_int_list(_req(obj, "deltaLast"), "deltaLast"),
             current_since=_int_list(_req(obj, "currentSince"), "currentSince"),
             back_in_stock=_bool_list(_req(obj, "backInStock"), "backInStock"),
-            categories=_int_list(categories, "categories", min_len=0),
-            root_cat=_int(obj, "rootCat", minimum=0),
+            categories=_int_list(categories, "categories", min_len=0, lo=0, hi=INT64_MAX),
+            root_cat=_int(obj, "rootCat", minimum=0, maximum=INT64_MAX),
             creation_date=_minute(obj, "creationDate"),
             last_update=_minute(obj, "lastUpdate"),
             lightning_start=_minute(obj, "lightningStart"),
@@ -463,6 +483,8 @@ def _opt_int(obj: Mapping[str, Any], name: str) -> int | None:
         return None
     if not _is_int(v):
         raise MalformedPayload(f"field {name!r} must be an int, got {type(v).__name__}", field=name)
+    if not -(2**63) <= v <= 2**63 - 1:
+        raise MalformedPayload(f"field {name!r} = {v} is out of range", field=name)
     return v
 
 
@@ -517,13 +539,15 @@ class Product:
             title=_opt_str(obj, "title"),
             last_update=last_update,
             root_category=_opt_int(obj, "rootCategory") or 0,
-            categories=_int_list(cats, "categories", min_len=0) if cats is not None else (),
+            categories=_int_list(cats, "categories", min_len=0, lo=0, hi=INT64_MAX) if cats is not None else (),
             stats_current=stats_current,
             sales_rank=_price_or_none(stats_current[3]) if stats_current and len(stats_current) > 3 else None,
-            total_offer_count=_opt_int(stats, "totalOfferCount"),
+            total_offer_count=_int(stats, "totalOfferCount", minimum=-2) if "totalOfferCount" in stats else None,
             live_offer_count=len(live) if live is not None else None,
             offers_successful=ok,
-            buy_box_used_price=_price_or_none(_opt_int(stats, "buyBoxUsedPrice")),
+            buy_box_used_price=(
+                _price_or_none(_int(stats, "buyBoxUsedPrice")) if stats.get("buyBoxUsedPrice") is not None else None
+            ),
             used_price=_price_or_none(stats_current[2]) if stats_current and len(stats_current) > 2 else None,
             raw=dict(obj),
         )

@@ -26,7 +26,9 @@ from deals_pipeline.keepa.keepa_time import unix_ms_to_keepa_minute
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE, Deal
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.keepa.redact import redact
-from deals_pipeline.storage import Database
+import duckdb
+
+from deals_pipeline.storage import Database, DatabaseBusy
 from deals_pipeline.storage.repository import stored_deals, utcnow
 
 log = logging.getLogger(__name__)
@@ -176,7 +178,8 @@ class RecentDealsUpdater:
         except BudgetDeadline as stop:
             report.status = "budget_stopped"
             report.error = f"tokens would arrive after the run deadline (wait {stop.wait_ms} ms)"
-        except KeepaError as exc:
+        except (KeepaError, duckdb.Error, DatabaseBusy) as exc:
+            # Progress committed so far stays; the watermark is where the last committed chunk put it.
             report.status = "failed"
             report.error = redact(f"{type(exc).__name__}: {exc}")[:500]
         self._record_run(report, started=False)
