@@ -28,6 +28,7 @@ from deals_pipeline.config import (
     ENV_DB_PATH,
     ENV_DOMAIN,
     ENV_MODE,
+    ENV_RUN_BUDGET_MINUTES,
     ENV_SIMULATOR_URL,
     ENV_UPSERT_INTERVAL_S,
 )
@@ -122,7 +123,11 @@ class TokenBudgetResource(dg.ConfigurableResource):
     max_deficit: int = Field(default=60, description="Deepest planned negative balance.")
     burst_level: int = Field(default=80, description="Low-rate plans (<10/min) recharge to this before spending again.")
     upsert_reserve: int = Field(default=40, description="Tokens the backfill leaves for the upserter's next chunk.")
-    run_budget_minutes: float = Field(default=120.0, description="A run stops cleanly when tokens would arrive later.")
+    run_budget_minutes: float = Field(
+        default=480.0,
+        description="A run stops cleanly (progress saved) when its next tokens would arrive later than this "
+        "(timeline minutes). A 150-deal page at 5 tokens/min needs 3-6.5 h.",
+    )
 
     def policy(self) -> BudgetPolicy:
         if self.refill_rate_guess <= 0:
@@ -244,7 +249,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             domain=domain,
         ),
         "database": DealsDatabaseResource(path=os.environ.get(ENV_DB_PATH, DEFAULT_DB_PATH)),
-        "token_budget": TokenBudgetResource(),
+        "token_budget": TokenBudgetResource(run_budget_minutes=_env_int(ENV_RUN_BUDGET_MINUTES, 480)),
         "query": DealQueryResource(
             upsert_interval_s=_env_int(ENV_UPSERT_INTERVAL_S, DEFAULT_UPSERT_INTERVAL_S)
         ),
