@@ -34,6 +34,10 @@ from deals_pipeline.storage.repository import stored_deals, utcnow
 log = logging.getLogger(__name__)
 
 WATERMARK_NAME = "recent_deals"
+#: The oldest deal of the upserter's first batch. Older deals belong to the backfill: the overlap
+#: re-read below the watermark never reaches under it (else the first runs would treat the whole
+#: unstored history just below the first batch as "late arrivals").
+FLOOR_NAME = "recent_deals_floor"
 
 
 @dataclass(frozen=True, order=True)
@@ -115,11 +119,9 @@ def _wm_text(wm: Watermark | None) -> str:
     return "none" if wm is None else f"{wm.last_update_minute}/{wm.asin}"
 
 
-def read_watermark(db: Database) -> Watermark | None:
+def read_watermark(db: Database, name: str = WATERMARK_NAME) -> Watermark | None:
     with db.connect() as con:
-        row = con.execute(
-            "SELECT last_update_minute, asin FROM watermarks WHERE name = ?", [WATERMARK_NAME]
-        ).fetchone()
+        row = con.execute("SELECT last_update_minute, asin FROM watermarks WHERE name = ?", [name]).fetchone()
     return None if row is None else Watermark(int(row[0]), row[1])
 
 
@@ -219,8 +221,9 @@ class RecentDealsUpdater:
         if watermark is None:
             changed = list(newest.values())
         else:
-            floor = Watermark(watermark.last_update_minute - self.settings.overlap_minutes, "")
-            changed = [d for d in newest.values() if Watermark.of(d) > floor]
+            overlap = Watermark(watermark.last_update_minute - self.settings.overlap_minutes, "")
+            first_batch = read_watermark(self.db, FLOOR_NAME) or overlap
+            changed = [d for d in newest.values() if Watermark.of(d) > overlap and Watermark.of(d) >= first_batch]
             with self.db.connect() as con:
                 stored = stored_deals(con, [d.asin for d in changed])
             # Below the watermark only what is not stored yet at that version (a late arrival).
@@ -262,6 +265,11 @@ class RecentDealsUpdater:
                 current = con.execute(
                     "SELECT last_update_minute, asin FROM watermarks WHERE name = ?", [WATERMARK_NAME]
                 ).fetchone()
+                if current is None:
+                    con.execute(
+                        "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?)",
+                        [FLOOR_NAME, Watermark.of(selected[0]).last_update_minute, selected[0].asin, utcnow()],
+                    )
                 if current is None or Watermark(int(current[0]), current[1]) < target:
                     con.execute(
                         "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?)",
