@@ -84,12 +84,13 @@ def make_stack(tmp_path):
     started = []
 
     def make(*, config: "SimulatorConfig | None" = None, clock=None, policy: "BudgetPolicy | None" = None,
-             db_name: str = "deals.duckdb", key: str = "test-key", max_attempts: int = 4, read_timeout_s: float = 5.0):
+             db_name: str = "deals.duckdb", db_path=None, key: str = "test-key", max_attempts: int = 4,
+             read_timeout_s: float = 5.0, simulator_cls=KeepaSimulator):
         clock = clock or ManualClock()
-        sim = KeepaSimulator(config or SimulatorConfig(), clock=clock)
+        sim = simulator_cls(config or SimulatorConfig(), clock=clock)
         sim.start()
         started.append(sim)
-        db_path = tmp_path / db_name
+        db_path = db_path or tmp_path / db_name
         db = Database(db_path, data_mode="simulator")
         client = KeepaClient(key, base_url=sim.base_url, clock=clock, max_attempts=max_attempts,
                              timeout_s=(2.0, read_timeout_s))
