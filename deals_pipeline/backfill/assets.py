@@ -76,7 +76,7 @@ def process_chunk(
     page = int(context.partition_key)
     runtime = _runtime(context, keepa, database, token_budget)
     backfill = runtime.page_backfill(query)
-    snapshot = backfill._load_snapshot(page)
+    snapshot = backfill.load_snapshot(page)
     if snapshot is None:  # pragma: no cover - fetch_page_snapshot always stores it first
         raise dg.Failure(f"page {page} has no stored snapshot")
     outcome = backfill.run_chunk(snapshot, work["chunk"], deadline_ms=work["deadline_ms"])
@@ -110,7 +110,7 @@ def write_page_summary(
     page = int(context.partition_key)
     runtime = _runtime(context, keepa, database, token_budget)
     backfill = runtime.page_backfill(query)
-    snapshot = backfill._load_snapshot(page)
+    snapshot = backfill.load_snapshot(page)
     if snapshot is None:
         yield dg.Output(None, metadata={"page": page, "complete": False, "note": "page not fetched: budget deadline"})
         return

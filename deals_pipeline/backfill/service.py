@@ -125,6 +125,10 @@ def estimate_total_matches(deal_page: DealPage, selection: DealSelection) -> int
     return min(max(total, 0), 10_000)
 
 
+#: (database path, page, selection fingerprint) -> PageSnapshot; insertion-ordered, at most 8 pages.
+_SNAPSHOT_CACHE: dict[tuple[str, int, str], "PageSnapshot"] = {}
+
+
 def page_count_for(total_matches: int) -> int:
     """Pages a query needs (Keepa serves at most 10,000 deals, pages 0..66)."""
     return min(MAX_DEAL_PAGE + 1, max(1, math.ceil(min(total_matches, 10_000) / DEAL_PAGE_SIZE)))
@@ -159,7 +163,7 @@ class PageBackfill:
 
     def snapshot(self, page: int, *, deadline_ms: int | None = None) -> PageSnapshot:
         """The page's deal list: the stored snapshot if there is one, else fetched once (5 tokens)."""
-        stored = self._load_snapshot(page)
+        stored = self.load_snapshot(page)
         if stored is not None:
             return stored
         selection = self.settings.selection.with_page(page)
@@ -217,7 +221,21 @@ class PageBackfill:
             reused=reused,
         )
 
-    def _load_snapshot(self, page: int) -> PageSnapshot | None:
+    def load_snapshot(self, page: int) -> PageSnapshot | None:
+        """The stored snapshot of ``page``, or None. Cached per process: a snapshot never changes once
+        written, and each chunk op of a Dagster page run needs it (one read and parse per run, not per op)."""
+        key = (str(self.db.path), page, self.fingerprint)
+        cached = _SNAPSHOT_CACHE.get(key)
+        if cached is not None:
+            return cached
+        snapshot = self._read_snapshot(page)
+        if snapshot is not None:
+            if len(_SNAPSHOT_CACHE) >= 8:
+                _SNAPSHOT_CACHE.pop(next(iter(_SNAPSHOT_CACHE)))
+            _SNAPSHOT_CACHE[key] = snapshot
+        return snapshot
+
+    def _read_snapshot(self, page: int) -> PageSnapshot | None:
         with self.db.connect() as con:
             row = con.execute(
                 "SELECT raw_response, tokens_consumed FROM page_snapshots WHERE page = ? AND selection_fingerprint = ?",
