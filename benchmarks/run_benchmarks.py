@@ -48,7 +48,6 @@ from deals_pipeline.clock import ManualClock, SystemClock  # noqa: E402
 from deals_pipeline.keepa.client import KeepaClient  # noqa: E402
 from deals_pipeline.keepa.models import DealPage  # noqa: E402
 from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig  # noqa: E402
-from deals_pipeline.simulator.catalog import ProductRequest  # noqa: E402
 from deals_pipeline.storage import Database  # noqa: E402
 from deals_pipeline.storage import db as db_module  # noqa: E402
 from deals_pipeline.storage.repository import DEAL_COLUMNS, deal_rows, stored_deals, upsert_deals, utcnow  # noqa: E402

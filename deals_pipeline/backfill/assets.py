@@ -10,7 +10,7 @@ sensor stops there).
 import dagster as dg
 
 from deals_pipeline import __version__
-from deals_pipeline.backfill.service import PageSnapshot, page_count_for
+from deals_pipeline.backfill.service import page_count_for
 from deals_pipeline.budget import BudgetDeadline
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE
 from deals_pipeline.resources import (

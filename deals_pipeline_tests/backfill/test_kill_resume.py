@@ -7,7 +7,6 @@ ops call exactly the same service methods, and a separate test kills real
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess

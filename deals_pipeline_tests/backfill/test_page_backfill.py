@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pytest
 
 from deals_pipeline.simulator import FaultConfig, SimulatorConfig
 
