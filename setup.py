@@ -23,6 +23,12 @@ setup(
             "hypothesis>=6.100,<7",
             "psutil>=5.9,<8",
             "pytest-timeout>=2.3,<3",
+            "dagster-dg-cli>=1.13,<1.14",  # `dg check defs`
+            "dagster-postgres>=0.29,<0.30",  # the soak runs the production instance
+        ],
+        # What a long-running deployment adds: instance storage on PostgreSQL (docs/DEPLOYMENT.md).
+        "production": [
+            "dagster-postgres>=0.29,<0.30",
         ],
     },
     entry_points={"console_scripts": ["deals-pipeline=deals_pipeline.cli:main"]},

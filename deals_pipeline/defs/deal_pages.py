@@ -7,6 +7,8 @@ sensor stops there).
 """
 
 
+from collections import OrderedDict
+
 import dagster as dg
 
 from deals_pipeline import __version__
@@ -14,6 +16,7 @@ from deals_pipeline.backfill.service import page_count_for
 from deals_pipeline.budget import BudgetDeadline
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE
 from deals_pipeline.runtime import Runtime
+from deals_pipeline.storage import DatabaseBusy
 from deals_pipeline.defs.resources import (
     DealQueryResource,
     DealsDatabaseResource,
@@ -23,14 +26,43 @@ from deals_pipeline.defs.resources import (
 )
 
 DEAL_PAGE_PARTITIONS = dg.StaticPartitionsDefinition([str(p) for p in range(MAX_DEAL_PAGE + 1)])
-NO_CHUNK = -1
+DEAL_PAGES_KEY = dg.AssetKey("deal_pages")
+OWNERS = ["team:deals"]
+
+# Transient trouble a chunk op raises (the service turns API and budget trouble into outcomes): a file
+# held by another process past the busy timeout. A retry re-reads the chunk's state first, so it never
+# pays twice; the budget wait happens inside the retry, not in Dagster's delay.
+CHUNK_RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+# One runtime per run: the in-process executor runs every chunk op of a page in one process, so the
+# client (and its HTTP session), database handle and budget are built once, not once per op.
+_RUN_RUNTIMES: "OrderedDict[str, Runtime]" = OrderedDict()
+_RUN_RUNTIMES_KEPT = 4
 
 
-def _runtime(context: dg.OpExecutionContext, keepa, database, token_budget) -> Runtime:
-    return build_runtime(keepa, database, token_budget, owner=f"backfill:{context.run_id[:8]}")
+def run_runtime(context: dg.OpExecutionContext, keepa, database, token_budget) -> Runtime:
+    """This run's runtime, built by its first op and reused by the others."""
+    runtime = _RUN_RUNTIMES.get(context.run_id)
+    if runtime is None:
+        runtime = build_runtime(keepa, database, token_budget, owner=f"backfill:{context.run_id[:8]}")
+        _RUN_RUNTIMES[context.run_id] = runtime
+        while len(_RUN_RUNTIMES) > _RUN_RUNTIMES_KEPT:
+            _RUN_RUNTIMES.popitem(last=False)
+    return runtime
 
 
-@dg.op(pool="keepa_api", out=dg.DynamicOut(dict), tags={"kind": "keepa"})
+def release_run_runtime(run_id: str) -> None:
+    _RUN_RUNTIMES.pop(run_id, None)
+
+
+def _observe_page(context: dg.OpExecutionContext, metadata: dict[str, object]) -> None:
+    """Progress of an incomplete page: the UI shows it, without marking the partition materialized."""
+    context.log_event(dg.AssetObservation(asset_key=DEAL_PAGES_KEY, partition=context.partition_key,
+                                          metadata=metadata))
+
+
+@dg.op(pool="keepa_api", out={"chunks": dg.DynamicOut(dict), "page": dg.Out(int)},
+       tags={"kind": "keepa"})
 def fetch_page_snapshot(
     context: dg.OpExecutionContext,
     keepa: KeepaResource,
@@ -38,16 +70,17 @@ def fetch_page_snapshot(
     token_budget: TokenBudgetResource,
     query: DealQueryResource,
 ):
-    """Fetch the page once (or reuse its stored snapshot) and fan out its unfinished chunks."""
+    """Fetch the page once (or reuse its stored snapshot) and fan out its unfinished chunks with their ASINs."""
     page = int(context.partition_key)
-    runtime = _runtime(context, keepa, database, token_budget)
+    runtime = run_runtime(context, keepa, database, token_budget)
     backfill = runtime.page_backfill(query.backfill_settings())
     try:
         snapshot = backfill.snapshot(page, deadline_ms=runtime.deadline_ms)
     except BudgetDeadline as stop:
         context.log.warning(f"page {page}: the page fetch cannot be afforded before the run deadline ({stop})")
-        yield dg.DynamicOutput({"chunk": NO_CHUNK, "deadline_ms": runtime.deadline_ms, "deferred": True},
-                               mapping_key="none")
+        _observe_page(context, {"page": page, "complete": False, "deferred": True,
+                                "reason": f"page fetch not affordable before the run deadline ({stop})"})
+        yield dg.Output(page, output_name="page")
         return
     pending = backfill.unfinished_chunks(page)
     context.log.info(
@@ -55,13 +88,14 @@ def fetch_page_snapshot(
         f" ({'reused stored snapshot, 0 tokens' if snapshot.reused else f'fetched, {snapshot.tokens_consumed} tokens'})"
     )
     for chunk_index in pending:
-        yield dg.DynamicOutput({"chunk": chunk_index, "deadline_ms": runtime.deadline_ms},
-                               mapping_key=f"chunk_{chunk_index}")
-    if not pending:
-        yield dg.DynamicOutput({"chunk": NO_CHUNK, "deadline_ms": runtime.deadline_ms}, mapping_key="none")
+        yield dg.DynamicOutput(
+            {"chunk": chunk_index, "asins": list(snapshot.chunk_asins[chunk_index]), "deadline_ms": runtime.deadline_ms},
+            output_name="chunks", mapping_key=f"chunk_{chunk_index}",
+        )
+    yield dg.Output(page, output_name="page")
 
 
-@dg.op(pool="keepa_api", tags={"kind": "keepa"})
+@dg.op(pool="keepa_api", tags={"kind": "keepa"}, retry_policy=CHUNK_RETRY)
 def process_chunk(
     context: dg.OpExecutionContext,
     work: dict,
@@ -71,54 +105,81 @@ def process_chunk(
     query: DealQueryResource,
 ) -> dict:
     """Commit one chunk (rows + done mark + token spend in one transaction), or say why not."""
-    if work["chunk"] == NO_CHUNK:
-        return {"status": "none", "deferred": bool(work.get("deferred"))}
     page = int(context.partition_key)
-    runtime = _runtime(context, keepa, database, token_budget)
+    runtime = run_runtime(context, keepa, database, token_budget)
     backfill = runtime.page_backfill(query.backfill_settings())
-    snapshot = backfill.load_snapshot(page)
-    if snapshot is None:  # pragma: no cover - fetch_page_snapshot always stores it first
-        raise dg.Failure(f"page {page} has no stored snapshot")
-    outcome = backfill.run_chunk(snapshot, work["chunk"], deadline_ms=work["deadline_ms"])
+    try:
+        snapshot = backfill.load_snapshot(page)
+        if snapshot is None:  # pragma: no cover - fetch_page_snapshot always stores it first
+            raise dg.Failure(f"page {page} has no stored snapshot")
+        outcome = backfill.run_chunk(snapshot, work["chunk"], deadline_ms=work["deadline_ms"])
+    except DatabaseBusy as busy:
+        raise dg.RetryRequested(max_retries=CHUNK_RETRY.max_retries, seconds_to_wait=5) from busy
     context.log.info(
         f"page {page} chunk {outcome.chunk_index + 1}/{snapshot.chunk_count}: {outcome.status}"
         f", {outcome.tokens_spent} tokens, {outcome.deals_stored} stored, {outcome.fresh_skipped} already fresh"
         + (f", error: {outcome.error}" if outcome.error else "")
     )
-    context.log_event(
-        dg.AssetObservation(
-            asset_key="deal_pages",
-            partition=context.partition_key,
-            metadata={"chunk": outcome.chunk_index, "chunk_status": outcome.status,
-                      "tokens_spent": outcome.tokens_spent, "deals_stored": outcome.deals_stored},
-        )
-    )
+    chunk_meta: dict[str, object] = {"chunk": outcome.chunk_index, "chunk_status": outcome.status,
+                                     "tokens_spent": outcome.tokens_spent, "deals_stored": outcome.deals_stored}
+    _observe_page(context, chunk_meta)
     return {"status": outcome.status, "tokens": outcome.tokens_spent, "stored": outcome.deals_stored,
             "fresh": outcome.fresh_skipped, "filtered": outcome.filtered, "error": outcome.error}
 
 
-@dg.op(tags={"kind": "duckdb"})
+def _page_metadata(summary, results: list[dict], forecast, query: DealQueryResource, runtime: Runtime,
+                   stored_rows: int | None) -> dict[str, object]:
+    """Typed metadata for a page: numbers stay numbers (plottable), unknowns are left out, not -1."""
+    run_tokens = sum(r.get("tokens", 0) for r in results)
+    stored = sum(r.get("stored", 0) for r in results)
+    metadata: dict[str, object] = {
+        key: value for key, value in summary.as_metadata().items()
+        if not (key == "query_total_matches" and summary.total_matches is None)
+    }
+    metadata.update({
+        "deals_stored_this_run": stored,
+        "chunks_done_this_run": sum(1 for r in results if r["status"] == "done"),
+        "chunks_deferred_this_run": sum(1 for r in results if r["status"] == "deferred"),
+        "tokens_spent_this_run": run_tokens,
+        "tokens_per_stored_deal": round(run_tokens / stored, 2) if stored else 0.0,
+        "duplicates_skipped": sum(r.get("fresh", 0) for r in results),
+        "filtered_out": sum(r.get("filtered", 0) for r in results),
+        "viability_rules": dg.MetadataValue.json(query.rules().describe() or {}),
+        "backfill_tokens_needed": forecast.tokens_needed,
+        "source": runtime.source,
+        "pipeline_version": __version__,  # which code ran (HAZARDS #20)
+    })
+    if forecast.eta_ms is not None:
+        metadata["backfill_eta_hours"] = round(forecast.eta_ms / 3_600_000, 2)
+    if stored_rows is not None:
+        metadata["dagster/row_count"] = stored_rows
+    return metadata
+
+
+@dg.op(tags={"kind": "duckdb"}, out=dg.Out(is_required=False))
 def write_page_summary(
     context: dg.OpExecutionContext,
+    page: int,
     results: list[dict],
     keepa: KeepaResource,
     database: DealsDatabaseResource,
     token_budget: TokenBudgetResource,
     query: DealQueryResource,
 ):
-    """Write the page summary; fail the run (progress kept) when chunks failed, so they are retried."""
-    page = int(context.partition_key)
-    runtime = _runtime(context, keepa, database, token_budget)
+    """Materialize the page only when it is complete; otherwise observe its progress. Failed chunks fail the run."""
+    runtime = run_runtime(context, keepa, database, token_budget)
+    try:
+        yield from _summarize_page(context, page, results, runtime, query)
+    finally:
+        release_run_runtime(context.run_id)
+
+
+def _summarize_page(context, page: int, results: list[dict], runtime: Runtime, query: DealQueryResource):
     backfill = runtime.page_backfill(query.backfill_settings())
     snapshot = backfill.load_snapshot(page)
-    if snapshot is None:
-        yield dg.Output(None, metadata={"page": page, "complete": False, "note": "page not fetched: budget deadline"})
+    if snapshot is None:  # deferred before the page fetch: already observed by fetch_page_snapshot
         return
     summary = backfill.summarize(snapshot)
-    run_tokens = sum(r.get("tokens", 0) for r in results)
-    stored = sum(r.get("stored", 0) for r in results)
-    done = sum(1 for r in results if r["status"] == "done")
-    deferred = sum(1 for r in results if r["status"] == "deferred")
     # Unknown match count (a non-root category filter): count only this page's remaining work.
     total_pages = page_count_for(snapshot.total_matches) if snapshot.total_matches is not None else page + 1
     remaining_pages = 0 if snapshot.is_last else max(0, total_pages - page - 1)
@@ -128,47 +189,56 @@ def write_page_summary(
         asins_remaining=remaining_chunks * query.chunk_size + remaining_pages * 150,
         options=query.product_options(),
     )
-    metadata = {
-        **summary.as_metadata(),
-        "deals_stored_this_run": stored,
-        "chunks_done_this_run": done,
-        "chunks_deferred_this_run": deferred,
-        "tokens_spent_this_run": run_tokens,
-        "tokens_per_stored_deal": round(run_tokens / stored, 2) if stored else 0.0,
-        "duplicates_skipped": sum(r.get("fresh", 0) for r in results),
-        "filtered_out": sum(r.get("filtered", 0) for r in results),
-        "viability_rules": str(query.rules().describe() or "none"),
-        "backfill_eta_hours": round(forecast.eta_ms / 3_600_000, 2) if forecast.eta_ms is not None else -1.0,
-        "backfill_tokens_needed": forecast.tokens_needed,
-        "source": runtime.source,
-        "pipeline_version": __version__,  # which code ran (HAZARDS #20)
-    }
+    stored_rows = stored_deal_count(runtime.db) if summary.complete else None
+    metadata = _page_metadata(summary, results, forecast, query, runtime, stored_rows)
     if summary.chunks_failed:
         raise dg.Failure(
             description=f"page {page}: {summary.chunks_failed} chunk(s) failed and will be retried by the next run: "
             + "; ".join(summary.failed_errors[:3]),
             metadata=metadata,
         )
+    if not summary.complete:
+        context.log.info(f"page {page}: {summary.chunks_done}/{summary.chunks_total} chunks done; "
+                         "recorded as an observation, the partition stays unmaterialized")
+        _observe_page(context, {**metadata, "deferred": True})
+        return
     yield dg.Output(None, metadata=metadata)
+
+
+def stored_deal_count(db) -> int:
+    """Rows in `deals` (a count, cheap on DuckDB's column store): the asset's dagster/row_count."""
+    with db.connect() as con:
+        return int(con.execute("SELECT count(*) FROM deals").fetchone()[0])
+
+
+DEALS_COLUMN_SCHEMA = dg.TableSchema(columns=[
+    dg.TableColumn("asin", "VARCHAR", description="Amazon product id (one row per ASIN)"),
+    dg.TableColumn("last_update_minute", "BIGINT", description="Keepa minute of the deal's lastUpdate"),
+    dg.TableColumn("viability", "VARCHAR", description="'viable' or 'filtered' by the viability rules"),
+    dg.TableColumn("enriched_at", "TIMESTAMPTZ", description="When the product data was stored"),
+])
 
 
 @dg.graph_asset(
     name="deal_pages",
     partitions_def=DEAL_PAGE_PARTITIONS,
     group_name="keepa_deals",
-    description="Keepa deal pages backfilled into DuckDB `deals`, one partition per page, exactly-once chunks.",
+    description="Keepa deal pages backfilled into DuckDB `deals`, one partition per page, exactly-once chunks. "
+    "A partition is materialized only when its page is complete; partial pages are observations.",
     kinds={"duckdb", "python"},
     code_version=__version__,
+    owners=OWNERS,
+    tags={"domain": "deals", "source": "keepa"},
+    metadata={"dagster/column_schema": DEALS_COLUMN_SCHEMA, "dagster/table_name": "deals"},
 )
 def deal_pages():
-    chunks = fetch_page_snapshot()
-    return write_page_summary(chunks.map(process_chunk).collect())
+    chunks, page = fetch_page_snapshot()
+    return write_page_summary(page, chunks.map(process_chunk).collect())
 
 
 deal_pages_job = dg.define_asset_job(
     "deal_pages_job",
     selection=[deal_pages],
-    partitions_def=DEAL_PAGE_PARTITIONS,
     executor_def=dg.in_process_executor,
     description="Backfill one deal page (in process: the chunk fan-out costs ~ms per op, not ~2 s).",
 )

@@ -83,6 +83,8 @@ class KeepaResource(dg.ConfigurableResource):
 
     def build_client(self, clock: Clock) -> tuple[KeepaClient, str]:
         """(client, data source name). Raises ConfigError with both options when neither is set."""
+        if not 1 <= self.domain <= 11:
+            raise ConfigError(f"{ENV_DOMAIN}={self.domain} is not a Keepa /deal domain (1..11, e.g. 1 = amazon.com)")
         mode = self.resolved_mode()
         if mode == "simulator":
             url = self.simulator_url or _embedded_simulator_url(clock, self.simulator_refill_rate)
@@ -105,14 +107,16 @@ class DealsDatabaseResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """At each run start: record this run's process, and free slots held by killed runs."""
-        if context.instance is not None and context.run_id:
+        if context.instance is not None and context.run is not None:
             from deals_pipeline.defs.run_reaper import reap_dead_runs, register_run_process
 
-            register_run_process(context.instance, context.run_id)
-            reap_dead_runs(context.instance, current_run_id=context.run_id)
+            register_run_process(context.instance, context.run.run_id)
+            reap_dead_runs(context.instance, current_run_id=context.run.run_id)
 
-    def database(self, data_mode: str | None = None) -> Database:
-        return Database(self.path, busy_timeout_s=self.busy_timeout_s, data_mode=data_mode)
+    def database(self, data_mode: str | None = None, *, busy_timeout_s: float | None = None) -> Database:
+        """The file, retried for ``busy_timeout_s`` (default: the configured one) while another process holds it."""
+        timeout = self.busy_timeout_s if busy_timeout_s is None else busy_timeout_s
+        return Database(self.path, busy_timeout_s=timeout, data_mode=data_mode)
 
 
 class TokenBudgetResource(dg.ConfigurableResource):
@@ -206,32 +210,29 @@ def build_runtime(
                    deadline_ms=token_budget.deadline_ms(clock))
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
+def _from_env(name: str, default, *, kind: str = "str"):
+    """``EnvVar(name)`` when the variable is set (the UI shows its name; it is read at run start), else ``default``.
+
+    Only whether the variable exists is looked at here: its value is resolved by Dagster for each run, so a
+    changed value takes effect without reloading the code location, and secrets never enter the definitions.
+    """
+    if name not in os.environ:
         return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    return dg.EnvVar.int(name) if kind == "int" else dg.EnvVar(name)
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
-    """Resources for `definitions.py`: secrets and paths from the environment."""
-    domain = _env_int(ENV_DOMAIN, 1)
-    if not 1 <= domain <= 11:
-        raise ConfigError(f"{ENV_DOMAIN}={domain} is not a Keepa /deal domain (1..11, e.g. 1 = amazon.com)")
+    """Resources for `definitions.py`: secrets, paths and settings from the environment, as EnvVars."""
     return {
         "keepa": KeepaResource(
-            api_key=dg.EnvVar(ENV_API_KEY) if os.environ.get(ENV_API_KEY) else None,
-            mode=os.environ.get(ENV_MODE, "auto"),
-            simulator_url=os.environ.get(ENV_SIMULATOR_URL) or None,
-            base_url=os.environ.get(ENV_API_BASE_URL, "https://api.keepa.com"),
-            domain=domain,
+            api_key=_from_env(ENV_API_KEY, None),
+            mode=_from_env(ENV_MODE, "auto"),
+            simulator_url=_from_env(ENV_SIMULATOR_URL, None),
+            base_url=_from_env(ENV_API_BASE_URL, "https://api.keepa.com"),
+            domain=_from_env(ENV_DOMAIN, 1, kind="int"),
         ),
-        "database": DealsDatabaseResource(path=os.environ.get(ENV_DB_PATH, DEFAULT_DB_PATH)),
-        "token_budget": TokenBudgetResource(run_budget_minutes=_env_int(ENV_RUN_BUDGET_MINUTES, 480)),
-        "query": DealQueryResource(
-            upsert_interval_s=_env_int(ENV_UPSERT_INTERVAL_S, DEFAULT_UPSERT_INTERVAL_S)
-        ),
+        "database": DealsDatabaseResource(path=_from_env(ENV_DB_PATH, DEFAULT_DB_PATH)),
+        "token_budget": TokenBudgetResource(run_budget_minutes=_from_env(ENV_RUN_BUDGET_MINUTES, 480, kind="int")),
+        "query": DealQueryResource(upsert_interval_s=_from_env(ENV_UPSERT_INTERVAL_S, DEFAULT_UPSERT_INTERVAL_S,
+                                                               kind="int")),
     }

@@ -25,6 +25,7 @@ from deals_pipeline.keepa.models import MAX_DEAL_PAGE
 from deals_pipeline.defs.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
 from deals_pipeline.storage import DatabaseBusy
 from deals_pipeline.defs.recent_deals import recent_deals_job
+from deals_pipeline.defs.run_reaper import reap_dead_runs
 
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
@@ -35,13 +36,39 @@ IN_FLIGHT = [
 ]
 
 
-def _in_flight(context: dg.SensorEvaluationContext, job_name: str) -> int:
-    return len(context.instance.get_run_records(dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT), limit=5))
+SENSOR_DB_BUSY_TIMEOUT_S = 5.0  # well under the 60 s tick deadline: a busy file is a skip, not a tick error
+
+
+def _in_flight(context: dg.SensorEvaluationContext, asset_key: dg.AssetKey) -> list[str]:
+    """Live runs that touch ``asset_key``, whatever their job (`__ASSET_JOB` from `dagster asset
+    materialize` included). Runs whose process is gone are reaped first, so a killed run never blocks."""
+    reap_dead_runs(context.instance)
+    live = []
+    for record in context.instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT), limit=100):
+        run = record.dagster_run
+        if run.asset_selection is not None:
+            touches = asset_key in run.asset_selection
+        else:  # a job run (e.g. deal_pages_job from a sensor): ask the job which assets it targets
+            touches = run.job_name in _JOBS_FOR_ASSET.get(asset_key, ())
+        if touches:
+            live.append(run.run_id)
+    return live
+
+
+_JOBS_FOR_ASSET = {
+    dg.AssetKey("deal_pages"): (deal_pages_job.name,),
+    dg.AssetKey("recent_deals"): (recent_deals_job.name,),
+}
+
+
+def _sensor_db(keepa, database):
+    """The database with the sensors' short busy timeout."""
+    return database.database(data_mode=keepa.data_mode(), busy_timeout_s=SENSOR_DB_BUSY_TIMEOUT_S)
 
 
 def _budget_gate(keepa, database, token_budget, query, *, priority: Priority, with_page: bool):
     """(db, budget, cost, wait_ms) for one chunk (plus a deal page when ``with_page``). One short read."""
-    db = database.database(data_mode=keepa.data_mode())
+    db = _sensor_db(keepa, database)
     budget = token_budget.budget(db, clock_from_env(), owner="sensor")
     cost = int(budget.costs.products(query.chunk_size, query.product_options()))
     if with_page:
@@ -82,8 +109,9 @@ def deal_pages_sensor(
     token_budget: TokenBudgetResource,
     query: DealQueryResource,
 ):
-    if _in_flight(context, deal_pages_job.name):
-        return dg.SkipReason("a backfill run is in flight")
+    live = _in_flight(context, dg.AssetKey("deal_pages"))
+    if live:
+        return dg.SkipReason(f"a backfill run is in flight ({live[0][:8]})")
     try:
         db, _, cost, wait_ms = _budget_gate(keepa, database, token_budget, query, priority=Priority.BACKFILL,
                                             with_page=False)
@@ -118,8 +146,9 @@ def recent_deals_sensor(
     token_budget: TokenBudgetResource,
     query: DealQueryResource,
 ):
-    if _in_flight(context, recent_deals_job.name):
-        return dg.SkipReason("an upsert run is in flight")
+    live = _in_flight(context, dg.AssetKey("recent_deals"))
+    if live:
+        return dg.SkipReason(f"an upsert run is in flight ({live[0][:8]})")
     try:
         _, budget, cost, wait_ms = _budget_gate(keepa, database, token_budget, query, priority=Priority.UPSERT,
                                                 with_page=True)
@@ -135,3 +164,16 @@ def recent_deals_sensor(
         tags={"deals_pipeline/batch_size": str(batch),
               "deals_pipeline/reason": f"refill {budget.projection().refill_rate}/min, a chunk is affordable"},
     )
+
+
+@dg.sensor(
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Marks runs whose process is gone (SIGKILL, OOM, a closed terminal) as failed and frees their "
+    "keepa_api pool slots, so a dead run never blocks the sensors or queued runs.",
+)
+def maintenance_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    reaped = reap_dead_runs(context.instance)
+    if reaped:
+        return dg.SkipReason(f"reaped {len(reaped)} dead run(s): {', '.join(r[:8] for r in reaped)}")
+    return dg.SkipReason("no dead runs")

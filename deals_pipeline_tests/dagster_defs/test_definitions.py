@@ -31,10 +31,10 @@ def test_definitions_load_with_every_asset_check_sensor_and_resource():
     repo = defs.get_repository_def()
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
     assert {"deal_pages", "recent_deals"} <= keys
-    assert {s.name for s in repo.sensor_defs} == {"deal_pages_sensor", "recent_deals_sensor"}
+    assert {s.name for s in repo.sensor_defs} == {"deal_pages_sensor", "recent_deals_sensor", "maintenance_sensor"}
     checks = {k.name for k in repo.asset_graph.asset_check_keys}
     assert {"no_duplicate_asins", "chunk_progress_matches_deals", "token_deficit_within_bounds",
-            "newest_deal_age", "watermark_not_ahead"} <= checks
+            "discovery_lag_and_backlog", "watermark_not_ahead"} <= checks
     assert DEAL_PAGE_PARTITIONS.get_partition_keys() == [str(p) for p in range(67)]
     assert set(defs.resources) == {"keepa", "database", "token_budget", "query"}
 

@@ -107,12 +107,12 @@ def test_webserver_serves_the_code_location_and_a_materialized_partition(tmp_pat
         assert location["location"]["name"] == "deals_pipeline"
         assets = {"/".join(a["assetKey"]["path"]) for a in location["assetNodes"]}
         assert {"deal_pages", "recent_deals"} <= assets
-        assert {s["name"] for s in location["sensors"]} == {"deal_pages_sensor", "recent_deals_sensor"}
+        assert {s["name"] for s in location["sensors"]} == {"deal_pages_sensor", "recent_deals_sensor", "maintenance_sensor"}
 
         nodes = {"/".join(n["assetKey"]["path"]): n for n in gql(CHECKS_QUERY)["assetNodes"]}
         checks = {c["name"] for n in nodes.values() for c in n["assetChecksOrError"]["checks"]}
         assert {"no_duplicate_asins", "chunk_progress_matches_deals", "token_deficit_within_bounds",
-                "newest_deal_age", "watermark_not_ahead"} <= checks
+                "discovery_lag_and_backlog", "watermark_not_ahead"} <= checks
         stats = nodes["deal_pages"]["partitionStats"]
         assert stats["numPartitions"] == 67 and stats["numMaterialized"] == 1
         # The UI shows the key's env var name, never its value.
