@@ -71,14 +71,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_backfill(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
+    from deals_pipeline.defs.deal_pages import page_run_metadata
     from deals_pipeline.definitions import defs
 
     job = defs.resolve_job_def("deal_pages_job")
     instance = DagsterInstance.get()
     for page in _parse_pages(args.pages):
         result = job.execute_in_process(partition_key=str(page), instance=instance, raise_on_error=False)
-        materializations = result.asset_materializations_for_node("deal_pages") if result.success else []
-        metadata = {k: v.value for k, v in materializations[-1].metadata.items()} if materializations else {}
+        metadata = page_run_metadata(result) if result.success else {}
         print(f"page {page}: {'ok' if result.success else 'FAILED'} "
               f"complete={metadata.get('complete')} chunks={metadata.get('chunks_done')}/{metadata.get('chunks_total')} "
               f"tokens={metadata.get('tokens_spent_this_run')}")

@@ -242,3 +242,17 @@ deal_pages_job = dg.define_asset_job(
     executor_def=dg.in_process_executor,
     description="Backfill one deal page (in process: the chunk fan-out costs ~ms per op, not ~2 s).",
 )
+
+
+def page_run_metadata(result: dg.ExecuteInProcessResult) -> dict[str, object]:
+    """What a page run reported: its materialization's metadata, or for an incomplete page the last
+    page-level observation (progress), so callers such as `deals-pipeline backfill` see both."""
+    materializations = result.asset_materializations_for_node("deal_pages")
+    if materializations:
+        return {k: v.value for k, v in materializations[-1].metadata.items()}
+    for event in reversed(result.all_events):
+        if event.event_type_value == "ASSET_OBSERVATION" and event.asset_key == DEAL_PAGES_KEY:
+            metadata = {k: v.value for k, v in event.asset_observation_data.asset_observation.metadata.items()}
+            if "complete" in metadata:
+                return metadata
+    return {}
