@@ -75,6 +75,8 @@ for k, v in {**info["env"], "KEEPA_SIMULATOR_URL": info["base_url"]}.items():
     print(f"export {k}={shlex.quote(str(v))}")
 ' "$work/simulator.json")"
 export DEALS_PIPELINE_MODE=simulator DEALS_DB_PATH="$work/soak.duckdb"
+# 1440 timeline minutes = 144 real s at x600: a page run has time to finish its page on a busy CI box.
+export DEALS_RUN_BUDGET_MINUTES="${DEALS_SOAK_RUN_BUDGET_MINUTES:-1440}"
 export DEALS_BACKFILL_SENSOR_INTERVAL_S="${DEALS_SOAK_SENSOR_INTERVAL_S:-15}" DEALS_UPSERT_INTERVAL_S="${DEALS_SOAK_SENSOR_INTERVAL_S:-15}"
 unset KEEPA_API_KEY
 echo "soak: simulator $KEEPA_SIMULATOR_URL at 5 tokens/min, time x$TIME_SCALE"
