@@ -43,7 +43,8 @@ class Stack:
     db_path: Any
     extras: dict = _field(default_factory=dict)
 
-    def backfill(self, *, chunk_size: int = 4, selection: dict | None = None, rules=None, options=None):
+    def backfill(self, *, chunk_size: int = 4, selection: dict | None = None, rules=None, options=None,
+                 **scheduling: Any):
         from deals_pipeline.backfill.service import BackfillSettings, PageBackfill
         from deals_pipeline.enrichment import ViabilityRules
         from deals_pipeline.keepa.query import DealSelection, ProductOptions
@@ -54,6 +55,7 @@ class Stack:
             product_options=options or ProductOptions(),
             rules=rules or ViabilityRules(),
             chunk_size=chunk_size,
+            **scheduling,  # max_chunk_attempts, chunk_backoff_s
         )
         return PageBackfill(self.db, self.client, self.budget, settings, clock=self.clock, source="simulator")
 

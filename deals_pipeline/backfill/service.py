@@ -23,12 +23,20 @@ from deals_pipeline.keepa.errors import KeepaError, MalformedPayload
 from deals_pipeline.keepa.models import DEAL_PAGE_SIZE, MAX_DEAL_PAGE, Deal, DealPage
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.keepa.redact import redact
+from deals_pipeline.scheduling import (
+    DEFAULT_CHUNK_BACKOFF_S,
+    DEFAULT_MAX_CHUNK_ATTEMPTS,
+    chunk_retry_at_ms,
+    should_quarantine,
+)
 from deals_pipeline.storage import Database
 from deals_pipeline.storage.repository import utcnow
 
 log = logging.getLogger(__name__)
 
-ChunkStatus = Literal["done", "already_done", "deferred", "failed"]
+#: ``backoff``: a failed chunk whose retry time has not come (nothing paid); ``quarantined``: failed
+#: ``max_chunk_attempts`` times, left out until `deals-pipeline retry-quarantined`.
+ChunkStatus = Literal["done", "already_done", "deferred", "failed", "backoff", "quarantined"]
 
 #: A paid /product response that lacks some of the chunk's products (malformed entries) fails the
 #: chunk so the next run fetches them again; after this many attempts the deals are stored without
@@ -42,10 +50,18 @@ class BackfillSettings:
     product_options: ProductOptions = field(default_factory=ProductOptions)
     rules: ViabilityRules = field(default_factory=ViabilityRules)
     chunk_size: int = 4
+    #: A chunk failing this many times is quarantined (the page completes without it).
+    max_chunk_attempts: int = DEFAULT_MAX_CHUNK_ATTEMPTS
+    #: Backoff before the 2nd attempt; doubles per attempt (at most 8x).
+    chunk_backoff_s: float = DEFAULT_CHUNK_BACKOFF_S
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= 100:
             raise ValueError(f"chunk_size must be 1..100 (a /product request takes at most 100), got {self.chunk_size}")
+        if self.max_chunk_attempts < 1:
+            raise ValueError(f"max_chunk_attempts must be >= 1, got {self.max_chunk_attempts}")
+        if self.chunk_backoff_s < 0:
+            raise ValueError(f"chunk_backoff_s must be >= 0, got {self.chunk_backoff_s}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,7 @@ class PageSummary:
     deals_on_page: int
     tokens_spent: int
     total_matches: int | None
+    chunks_quarantined: tuple[int, ...] = ()
 
     def as_metadata(self) -> dict[str, object]:
         return {
@@ -99,6 +116,8 @@ class PageSummary:
             "chunks_done": self.chunks_done,
             "chunks_total": self.chunks_total,
             "chunks_failed": self.chunks_failed,
+            "chunks_quarantined": len(self.chunks_quarantined),
+            "quarantined_chunk_indexes": ",".join(map(str, self.chunks_quarantined)) or "none",
             "deals_on_page": self.deals_on_page,
             "tokens_spent_page_total": self.tokens_spent,
             "query_total_matches": self.total_matches if self.total_matches is not None else -1,
@@ -255,7 +274,8 @@ class PageBackfill:
     def unfinished_chunks(self, page: int) -> list[int]:
         with self.db.connect() as con:
             rows = con.execute(
-                "SELECT chunk_index FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND status <> 'done' "
+                "SELECT chunk_index FROM page_chunks WHERE page = ? AND selection_fingerprint = ? "
+                "AND status NOT IN ('done', 'quarantined') "
                 "ORDER BY chunk_index",
                 [page, self.fingerprint],
             ).fetchall()
@@ -266,13 +286,17 @@ class PageBackfill:
         page = snapshot.page
         with self.db.connect() as con:
             row = con.execute(
-                "SELECT status, attempts FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                "SELECT status, attempts, next_attempt_ms FROM page_chunks "
+                "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
                 [page, self.fingerprint, chunk_index],
             ).fetchone()
             if row is None:
                 raise ValueError(f"page {page} has no chunk {chunk_index}")
             if row[0] == "done":
                 return ChunkOutcome(page, chunk_index, "already_done")
+            held = self._held_back(page, chunk_index, row[0], row[2])
+            if held is not None:
+                return held
             staged = con.execute(
                 "SELECT raw_response, tokens_consumed FROM chunk_staging "
                 "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
@@ -337,17 +361,58 @@ class PageBackfill:
         self, page: int, chunk_index: int, exc: Exception, fetched: FetchedProducts | None = None
     ) -> ChunkOutcome:
         message = redact(f"{type(exc).__name__}: {exc}")[:500]
-        log.warning("page %d chunk %d failed (will be retried by the next run): %s", page, chunk_index, message)
         with self.db.transaction() as con:
+            attempts = int(con.execute(
+                "SELECT attempts FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                [page, self.fingerprint, chunk_index],
+            ).fetchone()[0]) + 1
+            status, retry_at = self._after_failure(attempts)
             con.execute(
-                "UPDATE page_chunks SET status = 'failed', attempts = attempts + 1, error = ?, "
+                "UPDATE page_chunks SET status = ?, attempts = ?, error = ?, next_attempt_ms = ?, "
                 "tokens_spent = tokens_spent + ?, updated_at = ? "
                 "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
-                [message, fetched.tokens if fetched else 0, utcnow(), page, self.fingerprint, chunk_index],
+                [status, attempts, message, retry_at, fetched.tokens if fetched else 0, utcnow(), page,
+                 self.fingerprint, chunk_index],
             )
             for product_page, reservation in zip(fetched.pages if fetched else [], fetched.reservations if fetched else []):
                 self.budget.settle(reservation, product_page.status.tokens_consumed, product_page.status, con=con)
-        return ChunkOutcome(page, chunk_index, "failed", error=message)
+        if status == "quarantined":
+            log.warning("page %d chunk %d quarantined after %d failed attempts (the page completes without it; "
+                        "`deals-pipeline retry-quarantined` puts it back): %s", page, chunk_index, attempts, message)
+        else:
+            log.warning("page %d chunk %d failed (attempt %d of %d, retried after backoff): %s", page, chunk_index,
+                        attempts, self.settings.max_chunk_attempts, message)
+        return ChunkOutcome(page, chunk_index, status, error=message)
+
+    # -- retry backoff and quarantine (rules in deals_pipeline/scheduling.py) --------------------
+
+    def _after_failure(self, attempts: int) -> tuple[str, int | None]:
+        """(status, retry time) of a chunk that has now failed ``attempts`` times."""
+        if should_quarantine(attempts, self.settings.max_chunk_attempts):
+            return "quarantined", None
+        return "failed", chunk_retry_at_ms(self.clock.now_ms(), attempts, self.settings.chunk_backoff_s)
+
+    def _held_back(self, page: int, chunk_index: int, status: str, next_attempt_ms: int | None) -> ChunkOutcome | None:
+        """A quarantined chunk, or a failed one still backing off: an outcome without paying anything."""
+        if status == "quarantined":
+            return ChunkOutcome(page, chunk_index, "quarantined")
+        if status == "failed" and next_attempt_ms is not None and self.clock.now_ms() < int(next_attempt_ms):
+            return ChunkOutcome(page, chunk_index, "backoff", wait_ms=int(next_attempt_ms) - self.clock.now_ms())
+        return None
+
+    def next_retry_ms(self, page: int) -> int | None:
+        """When the page's next unfinished chunk may run: None = now (or nothing left), else the backoff end."""
+        with self.db.connect() as con:
+            rows = con.execute(
+                "SELECT status, next_attempt_ms FROM page_chunks WHERE page = ? AND selection_fingerprint = ? "
+                "AND status NOT IN ('done', 'quarantined')",
+                [page, self.fingerprint],
+            ).fetchall()
+        now = self.clock.now_ms()
+        waits = [int(r[1]) for r in rows if r[0] == "failed" and r[1] is not None and int(r[1]) > now]
+        if not rows or len(waits) < len(rows):
+            return None
+        return min(waits)
 
     # -- summary --------------------------------------------------------------------------------
 
@@ -356,14 +421,18 @@ class PageBackfill:
         with self.db.transaction() as con:
             counts = con.execute(
                 "SELECT count(*), count(*) FILTER (status = 'done'), count(*) FILTER (status = 'failed'), "
-                "coalesce(sum(tokens_spent), 0), list(error) FILTER (status = 'failed') "
+                "coalesce(sum(tokens_spent), 0), list(error) FILTER (status = 'failed'), "
+                "list(chunk_index ORDER BY chunk_index) FILTER (status = 'quarantined') "
                 "FROM page_chunks WHERE page = ? AND selection_fingerprint = ?",
                 [page, self.fingerprint],
             ).fetchone()
-            total, done, failed, chunk_tokens, errors = counts
+            total, done, failed, chunk_tokens, errors, quarantined = counts
+            quarantined = tuple(int(c) for c in (quarantined or []))
             summary = PageSummary(
                 page=page,
-                complete=int(done) == int(total),
+                # A quarantined chunk no longer holds the page back (the asset check names it).
+                complete=int(done) + len(quarantined) == int(total),
+                chunks_quarantined=quarantined,
                 is_last=snapshot.is_last,
                 chunks_total=int(total),
                 chunks_done=int(done),
@@ -398,3 +467,43 @@ class PageBackfill:
             if outcome.status == "deferred":
                 break
         return self.summarize(snapshot)
+
+
+@dataclass(frozen=True)
+class QuarantinedChunk:
+    page: int
+    chunk_index: int
+    attempts: int
+    error: str | None
+
+
+def quarantined_chunks(db: Database, fingerprint: str | None = None) -> list[QuarantinedChunk]:
+    """Every quarantined chunk (of one selection, or all), in page order."""
+    with db.connect() as con:
+        rows = con.execute(
+            "SELECT page, chunk_index, attempts, error FROM page_chunks WHERE status = 'quarantined' "
+            "AND (? IS NULL OR selection_fingerprint = ?) ORDER BY page, chunk_index",
+            [fingerprint, fingerprint],
+        ).fetchall()
+    return [QuarantinedChunk(int(r[0]), int(r[1]), int(r[2]), r[3]) for r in rows]
+
+
+def retry_quarantined(db: Database, fingerprint: str | None = None) -> list[QuarantinedChunk]:
+    """Put quarantined chunks back (attempts reset) and mark their pages partial so the sensor returns to them."""
+    with db.transaction() as con:
+        rows = con.execute(
+            "SELECT page, chunk_index, attempts, error, selection_fingerprint FROM page_chunks "
+            "WHERE status = 'quarantined' AND (? IS NULL OR selection_fingerprint = ?) ORDER BY page, chunk_index",
+            [fingerprint, fingerprint],
+        ).fetchall()
+        con.execute(
+            "UPDATE page_chunks SET status = 'pending', attempts = 0, next_attempt_ms = NULL, updated_at = ? "
+            "WHERE status = 'quarantined' AND (? IS NULL OR selection_fingerprint = ?)",
+            [utcnow(), fingerprint, fingerprint],
+        )
+        for page, fp in {(int(r[0]), r[4]) for r in rows}:
+            con.execute(
+                "UPDATE page_summaries SET status = 'partial', updated_at = ? WHERE page = ? AND selection_fingerprint = ?",
+                [utcnow(), page, fp],
+            )
+    return [QuarantinedChunk(int(r[0]), int(r[1]), int(r[2]), r[3]) for r in rows]

@@ -175,6 +175,34 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE page_snapshots ADD COLUMN total_matches INTEGER;
     """,
+    # v3: scheduling (deals_pipeline/scheduling.py): chunk retry backoff + quarantine, resumable upsert scans
+    """
+    ALTER TABLE page_chunks ADD COLUMN next_attempt_ms BIGINT;  -- a failed chunk is not retried before this
+
+    -- A newest-first scan deeper than one run's page cap: where the next run resumes (one row per name).
+    CREATE TABLE IF NOT EXISTS upsert_scans (
+        name VARCHAR PRIMARY KEY,
+        next_page INTEGER NOT NULL,          -- the next page to read (the resume re-reads one page before it)
+        started_minute BIGINT NOT NULL,      -- server minute when the scan started at page 0
+        seen_asins VARCHAR[] NOT NULL,       -- ASINs of the last page read: the resume checks it overlaps
+        updated_at TIMESTAMPTZ NOT NULL
+    );
+
+    -- Changed deals a scan found and paid for but no run has committed yet (oldest first is next).
+    CREATE TABLE IF NOT EXISTS upsert_backlog (
+        asin VARCHAR PRIMARY KEY,
+        last_update_minute BIGINT NOT NULL,
+        raw_deal JSON NOT NULL,
+        found_at TIMESTAMPTZ NOT NULL
+    );
+
+    -- How far completed scans reach: every change above (covered_minute - overlap) has been seen.
+    CREATE TABLE IF NOT EXISTS upsert_coverage (
+        name VARCHAR PRIMARY KEY,
+        covered_minute BIGINT NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
