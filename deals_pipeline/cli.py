@@ -102,6 +102,23 @@ def _wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float = 30.0) 
     raise SystemExit(f"the simulator did not start within {timeout_s:.0f}s")
 
 
+def cmd_retry_quarantined(args: argparse.Namespace) -> int:
+    """Put every quarantined chunk back (attempts reset, its page partial again) and say which."""
+    from deals_pipeline.backfill.service import retry_quarantined
+    from deals_pipeline.storage.db import Database
+
+    path = args.db or os.environ.get(ENV_DB_PATH, "data/deals.duckdb")
+    if not Path(path).exists():
+        print(f"no database at {path}", file=sys.stderr)
+        return 1
+    chunks = retry_quarantined(Database(path))
+    for chunk in chunks:
+        print(f"page {chunk.page} chunk {chunk.chunk_index}: back in the queue (was quarantined after "
+              f"{chunk.attempts} attempts: {chunk.error})")
+    print(f"{len(chunks)} quarantined chunk(s) put back; deal_pages_sensor (or `deals-pipeline backfill`) retries them")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Simulator at 5 tokens/min, time-scaled; backfill the first pages and one upsert; System Health."""
     demo_dir = Path(args.dir)
@@ -164,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--busy-timeout", type=float, default=10.0, help="seconds to retry a busy database")
     backfill = sub.add_parser("backfill", help="backfill a page range in order through Dagster")
     backfill.add_argument("--pages", required=True, help="e.g. 0-9 or 0,1,5")
+    retry = sub.add_parser("retry-quarantined", help="put quarantined chunks back so the sensor retries them")
+    retry.add_argument("--db", help=f"database path (default: ${ENV_DB_PATH} or data/deals.duckdb)")
     demo = sub.add_parser("demo", help="the whole pipeline on the simulator, time-scaled")
     demo.add_argument("--dir", default=str(DEMO_DIR))
     demo.add_argument("--pages", type=int, default=2)
@@ -175,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_simulator(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"status": cmd_status, "backfill": cmd_backfill, "demo": cmd_demo}[args.command](args)
+    return {"status": cmd_status, "backfill": cmd_backfill, "demo": cmd_demo,
+            "retry-quarantined": cmd_retry_quarantined}[args.command](args)
 
 
 if __name__ == "__main__":

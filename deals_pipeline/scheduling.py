@@ -212,3 +212,18 @@ def should_quarantine(attempts: int, max_chunk_attempts: int) -> bool:
     if max_chunk_attempts < 1:
         raise ValueError(f"max_chunk_attempts must be >= 1, got {max_chunk_attempts!r}")
     return attempts >= max_chunk_attempts
+
+
+def share_split(con: duckdb.DuckDBPyConnection, *, now_ms: int, refill_rate: int,
+                window_min: int = DEFAULT_SHARE_WINDOW_MIN) -> dict[str, object]:
+    """How the refill of the last ``window_min`` minutes was split (for status and run metadata)."""
+    spent = spent_by_priority(con, since_ms=now_ms - window_min * 60_000)
+    refill = max(refill_rate, 0) * window_min
+    return {
+        "share_window_min": window_min,
+        "share_refill_tokens": refill,
+        "share_upsert_tokens": spent[Priority.UPSERT],
+        "share_backfill_tokens": spent[Priority.BACKFILL],
+        "share_upsert_of_refill": round(spent[Priority.UPSERT] / refill, 3) if refill else 0.0,
+        "share_backfill_of_refill": round(spent[Priority.BACKFILL] / refill, 3) if refill else 0.0,
+    }

@@ -59,7 +59,8 @@ class Stack:
         )
         return PageBackfill(self.db, self.client, self.budget, settings, clock=self.clock, source="simulator")
 
-    def updater(self, *, chunk_size: int = 4, sizing_mode: str = "default", options=None, rules=None):
+    def updater(self, *, chunk_size: int = 4, sizing_mode: str = "default", options=None, rules=None,
+                **scheduling: Any):
         from deals_pipeline.enrichment import ViabilityRules
         from deals_pipeline.keepa.query import DealSelection, ProductOptions
         from deals_pipeline.upsert.service import RecentDealsUpdater, UpsertSettings
@@ -70,6 +71,7 @@ class Stack:
             rules=rules or ViabilityRules(),
             chunk_size=chunk_size,
             sizing_mode=sizing_mode,
+            **scheduling,  # max_pages_per_run, backfill_fingerprint, upsert_share, max_wait_in_slot_s, ...
         )
         return RecentDealsUpdater(self.db, self.client, self.budget, settings, clock=self.clock, source="simulator")
 

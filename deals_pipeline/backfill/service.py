@@ -28,6 +28,7 @@ from deals_pipeline.scheduling import (
     DEFAULT_MAX_CHUNK_ATTEMPTS,
     chunk_retry_at_ms,
     should_quarantine,
+    slot_deadline_ms,
 )
 from deals_pipeline.storage import Database
 from deals_pipeline.storage.repository import utcnow
@@ -54,6 +55,9 @@ class BackfillSettings:
     max_chunk_attempts: int = DEFAULT_MAX_CHUNK_ATTEMPTS
     #: Backoff before the 2nd attempt; doubles per attempt (at most 8x).
     chunk_backoff_s: float = DEFAULT_CHUNK_BACKOFF_S
+    #: Longest wait for tokens while holding the pool slot; past it the chunk is deferred (nothing paid)
+    #: and the op ends. None = wait up to the run deadline; the Dagster resource sets the default bound.
+    max_wait_in_slot_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= 100:
@@ -191,7 +195,7 @@ class PageBackfill:
             cost=self.budget.costs.deal_pages(),
             purpose="deal_page",
             priority=Priority.BACKFILL,
-            deadline_ms=deadline_ms,
+            deadline_ms=self.slot_deadline(deadline_ms),
             detail=f"page {page}",
             settle_now=False,
         )
@@ -311,7 +315,7 @@ class PageBackfill:
             tokens = int(staged[1])
         else:
             try:
-                fetched = self.enricher.fetch(plan.to_fetch, deadline_ms=deadline_ms, detail=detail)
+                fetched = self.enricher.fetch(plan.to_fetch, deadline_ms=self.slot_deadline(deadline_ms), detail=detail)
             except BudgetDeadline as stop:
                 return ChunkOutcome(page, chunk_index, "deferred", wait_ms=stop.wait_ms)
             except KeepaError as exc:
@@ -386,6 +390,12 @@ class PageBackfill:
 
     # -- retry backoff and quarantine (rules in deals_pipeline/scheduling.py) --------------------
 
+    def slot_deadline(self, deadline_ms: int | None) -> int | None:
+        """The deadline of one acquire made while holding the pool slot (defer, don't sleep)."""
+        if self.settings.max_wait_in_slot_s is None:
+            return deadline_ms
+        return slot_deadline_ms(self.clock.now_ms(), deadline_ms, self.settings.max_wait_in_slot_s)
+
     def _after_failure(self, attempts: int) -> tuple[str, int | None]:
         """(status, retry time) of a chunk that has now failed ``attempts`` times."""
         if should_quarantine(attempts, self.settings.max_chunk_attempts):
@@ -400,15 +410,15 @@ class PageBackfill:
             return ChunkOutcome(page, chunk_index, "backoff", wait_ms=int(next_attempt_ms) - self.clock.now_ms())
         return None
 
-    def next_retry_ms(self, page: int) -> int | None:
+    @staticmethod
+    def next_retry_at(db: Database, fingerprint: str, page: int, now: int) -> int | None:
         """When the page's next unfinished chunk may run: None = now (or nothing left), else the backoff end."""
-        with self.db.connect() as con:
+        with db.connect() as con:
             rows = con.execute(
                 "SELECT status, next_attempt_ms FROM page_chunks WHERE page = ? AND selection_fingerprint = ? "
                 "AND status NOT IN ('done', 'quarantined')",
-                [page, self.fingerprint],
+                [page, fingerprint],
             ).fetchall()
-        now = self.clock.now_ms()
         waits = [int(r[1]) for r in rows if r[0] == "failed" and r[1] is not None and int(r[1]) > now]
         if not rows or len(waits) < len(rows):
             return None

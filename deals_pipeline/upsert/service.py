@@ -30,6 +30,17 @@ import duckdb
 
 from deals_pipeline.storage import Database, DatabaseBusy
 from deals_pipeline.storage.repository import stored_deals, utcnow
+from deals_pipeline.scheduling import (
+    DEFAULT_MAX_PAGES_PER_RUN,
+    DEFAULT_SHARE_WINDOW_MIN,
+    DEFAULT_UPSERT_SHARE,
+    ShareDecision,
+    backfill_has_work,
+    slot_deadline_ms,
+    spent_by_priority,
+    upsert_share_decision,
+)
+from deals_pipeline.upsert import scan
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +71,17 @@ class UpsertSettings:
     chunk_size: int = 4
     sizing_mode: str = "default"
     interval_s: int = 300
-    max_pages_per_run: int = MAX_DEAL_PAGE + 1
+    #: Pages one run may read; a deeper scan resumes next run from its stored position (upsert/scan.py).
+    max_pages_per_run: int = DEFAULT_MAX_PAGES_PER_RUN
+    #: While the backfill (of this selection fingerprint) has work, the upserter's share of the refill
+    #: over the sliding window. None = no backfill to share with.
+    backfill_fingerprint: str | None = None
+    upsert_share: float = DEFAULT_UPSERT_SHARE
+    share_window_min: int = DEFAULT_SHARE_WINDOW_MIN
+    #: Longest wait for tokens while holding the pool slot; past it the run ends, progress saved
+    #: (deferred). None = wait up to the run deadline (plain-Python callers without a pool slot);
+    #: the Dagster resource sets DEFAULT_MAX_WAIT_IN_SLOT_S.
+    max_wait_in_slot_s: float | None = None
     #: Deals can enter the list after newer ones were seen, with a lastUpdate at or below the
     #: watermark (the list is refreshed after the product). Each run re-reads this many minutes
     #: below the watermark; deals already stored at that version cost nothing (skipped as fresh).
@@ -73,12 +94,18 @@ class UpsertSettings:
             raise ConfigError(f"sizing_mode must be 'default' or 'derived', got {self.sizing_mode!r}")
         if not 1 <= self.chunk_size <= 100:
             raise ConfigError(f"chunk_size must be 1..100, got {self.chunk_size}")
+        if not 1 <= self.max_pages_per_run <= MAX_DEAL_PAGE + 1:
+            raise ConfigError(f"max_pages_per_run must be 1..{MAX_DEAL_PAGE + 1}, got {self.max_pages_per_run}")
+        if not 0.0 < self.upsert_share <= 1.0:
+            raise ConfigError(f"upsert_share must be in (0, 1], got {self.upsert_share}")
+        if self.share_window_min <= 0 or (self.max_wait_in_slot_s is not None and self.max_wait_in_slot_s <= 0):
+            raise ConfigError("share_window_min and max_wait_in_slot_s must be > 0")
 
 
 @dataclass
 class UpsertReport:
     run_id: str
-    status: str = "running"             # 'complete', 'budget_stopped', 'failed', 'nothing_new'
+    status: str = "running"  # complete, budget_stopped, deferred, scanning, share_deferred, failed, nothing_new
     batch_size: int = 0
     batch_reason: str = ""
     pages_fetched: int = 0
@@ -94,6 +121,9 @@ class UpsertReport:
     watermark_after: Watermark | None = None
     remaining_changed: int = 0
     error: str | None = None
+    scan_complete: bool = True
+    scan_next_page: int = 0
+    share: ShareDecision | None = None
 
     def as_metadata(self) -> dict[str, object]:
         return {
@@ -112,6 +142,9 @@ class UpsertReport:
             "watermark_before": _wm_text(self.watermark_before),
             "watermark_after": _wm_text(self.watermark_after),
             "remaining_changed": self.remaining_changed,
+            "scan_complete": self.scan_complete,
+            "scan_next_page": self.scan_next_page,
+            **(self.share.as_metadata() if self.share is not None else {}),
         }
 
 
@@ -178,8 +211,14 @@ class RecentDealsUpdater:
         try:
             self._run(report, deadline_ms, on_chunk)
         except BudgetDeadline as stop:
-            report.status = "budget_stopped"
-            report.error = f"tokens would arrive after the run deadline (wait {stop.wait_ms} ms)"
+            if deadline_ms is None or (stop.deadline_ms is not None and stop.deadline_ms < deadline_ms):
+                # Not affordable within max_wait_in_slot_s: end now and free the pool slot (the sensor relaunches).
+                report.status = "deferred"
+                report.error = (f"tokens not affordable within {self.settings.max_wait_in_slot_s} s "
+                                f"(wait {stop.wait_ms} ms): deferred, pool slot released")
+            else:
+                report.status = "budget_stopped"
+                report.error = f"tokens would arrive after the run deadline (wait {stop.wait_ms} ms)"
         except (KeepaError, duckdb.Error, DatabaseBusy) as exc:
             # Progress committed so far stays; the watermark is where the last committed chunk put it.
             report.status = "failed"
@@ -189,41 +228,108 @@ class RecentDealsUpdater:
             log.warning("upsert run %s failed after %d chunks: %s", report.run_id, report.chunks_done, report.error)
         return report
 
+    # -- scheduling: slot-bounded waits and the upserter's share (rules in deals_pipeline/scheduling.py) --
+
+    def _slot_deadline(self, deadline_ms: int | None) -> int | None:
+        if self.settings.max_wait_in_slot_s is None:
+            return deadline_ms
+        return slot_deadline_ms(self.clock.now_ms(), deadline_ms, self.settings.max_wait_in_slot_s)
+
+    def share_decision(self, cost: int) -> ShareDecision:
+        """May the upserter start spending ``cost`` now, under its share of the refill?"""
+        window = self.settings.share_window_min
+        with self.db.connect() as con:
+            spent = spent_by_priority(con, since_ms=self.clock.now_ms() - window * 60_000)
+            has_work = (self.settings.backfill_fingerprint is not None
+                        and backfill_has_work(con, self.settings.backfill_fingerprint))
+        return upsert_share_decision(
+            upsert_spent=spent[Priority.UPSERT], cost=cost, refill_rate=self.budget.projection().refill_rate,
+            upsert_share=self.settings.upsert_share, window_min=window, backfill_has_work=has_work,
+        )
+
+    # -- the bounded, resumable scan (rules in upsert/scan.py) ---------------------------------------
+
     def _fetch_changed(self, report: UpsertReport, deadline_ms: int | None) -> tuple[list[Deal], int]:
-        """Changed deals since the watermark (deduped by ASIN, newest version), and the server minute."""
+        """Changed deals since the watermark (newest version per ASIN, oldest first) and the server minute.
+
+        Empty while a scan deeper than ``max_pages_per_run`` is still under way: nothing is committed
+        before the scan reached its bound, so the watermark never passes a deal not yet read.
+        """
         watermark = report.watermark_before
+        overlap = self.settings.overlap_minutes
+        with self.db.connect() as con:
+            position = scan.read_position(con, WATERMARK_NAME) if watermark is not None else None
+            coverage = scan.read_coverage(con, WATERMARK_NAME) if watermark is not None else None
+        bound = None
+        if watermark is not None:
+            bound = max(watermark.last_update_minute, coverage or 0) - overlap
+        page = max(0, position.next_page - 1) if position is not None else 0
+        started = position.started_minute if position is not None else None
+        check_overlap = position is not None and page > 0
+        step_backs = 0
         newest: dict[str, Deal] = {}
         server_minute = 0
-        for page in range(min(self.settings.max_pages_per_run, MAX_DEAL_PAGE + 1)):
-            deal_page, _ = self.budget.call(
-                lambda p=page: self.client.deals(self.settings.selection.with_page(p)),
-                cost=self.budget.costs.deal_pages(),
-                purpose="deal_page",
-                priority=Priority.UPSERT,
-                deadline_ms=deadline_ms,
-                detail=f"recent page {page}",
-            )
+        complete = False
+        last_asins: list[str] = []
+        stopped: BudgetDeadline | None = None
+        while report.pages_fetched < self.settings.max_pages_per_run and page <= MAX_DEAL_PAGE:
+            try:
+                deal_page, _ = self.budget.call(
+                    lambda p=page: self.client.deals(self.settings.selection.with_page(p)),
+                    cost=self.budget.costs.deal_pages(), purpose="deal_page", priority=Priority.UPSERT,
+                    deadline_ms=self._slot_deadline(deadline_ms), detail=f"recent page {page}",
+                )
+            except BudgetDeadline as stop:
+                stopped = stop
+                break
             report.pages_fetched += 1
             report.tokens_spent += deal_page.status.tokens_consumed
             server_minute = max(server_minute, unix_ms_to_keepa_minute(deal_page.status.timestamp_ms))
+            if started is None:
+                started = server_minute
             for deal in deal_page.deals:
                 known = newest.get(deal.asin)
                 if known is None or deal.last_update > known.last_update:
                     newest[deal.asin] = deal
-            if deal_page.is_last:
+            asins = [d.asin for d in deal_page.deals]
+            if check_overlap and not scan.overlaps(asins, position):
+                # The list moved up since the last run: step back (bounded), else restart at page 0.
+                step_backs += 1
+                page = page - 1 if step_backs <= scan.MAX_STEP_BACKS and page > 0 else 0
+                check_overlap = page > 0
+                if page == 0:
+                    started = server_minute
+                continue
+            check_overlap = False
+            last_asins = asins
+            if deal_page.is_last or (bound is not None and scan.reached_bound(deal_page.deals, bound)):
+                complete = True
                 break
-            if watermark is None:
-                if len(newest) >= report.batch_size:
-                    break
-            elif any(d.last_update < watermark.last_update_minute - self.settings.overlap_minutes
-                     for d in deal_page.deals):
+            if watermark is None and len(newest) >= report.batch_size:
                 break
+            page += 1
         if watermark is None:
-            changed = list(newest.values())
+            complete = True  # the first run takes the newest batch of what it read; older deals are the backfill's
+        report.scan_complete = complete
+        report.scan_next_page = 0 if complete else page  # the first unread page; the resume re-reads the one before
+        changed = self._remember_scan(report, watermark, list(newest.values()), complete, started, last_asins)
+        if stopped is not None:
+            raise stopped
+        return (changed if complete else []), server_minute
+
+    def _remember_scan(self, report: UpsertReport, watermark: Watermark | None, seen: list[Deal], complete: bool,
+                       started: int | None, last_asins: list[str]) -> list[Deal]:
+        """Store what the scan paid for (backlog + position, one transaction); the changed deals, oldest first."""
+        if watermark is None:
+            changed = sorted(seen, key=Watermark.of)[-report.batch_size:]
         else:
             overlap = Watermark(watermark.last_update_minute - self.settings.overlap_minutes, "")
             first_batch = read_watermark(self.db, FLOOR_NAME) or overlap
-            changed = [d for d in newest.values() if Watermark.of(d) > overlap and Watermark.of(d) >= first_batch]
+            candidates = {d.asin: d for d in scan.read_backlog(self.db)}
+            for d in seen:
+                if d.asin not in candidates or d.last_update > candidates[d.asin].last_update:
+                    candidates[d.asin] = d
+            changed = [d for d in candidates.values() if Watermark.of(d) > overlap and Watermark.of(d) >= first_batch]
             with self.db.connect() as con:
                 stored = stored_deals(con, [d.asin for d in changed])
             # Below the watermark only what is not stored yet at that version (a late arrival).
@@ -232,7 +338,17 @@ class RecentDealsUpdater:
                 if Watermark.of(d) > watermark or not (d.asin in stored and stored[d.asin].covers(d.last_update))
             ]
         changed.sort(key=Watermark.of)
-        return changed, server_minute
+        keep = {d.asin for d in changed}
+        with self.db.transaction() as con:
+            scan.drop_from_backlog(con, [d for d in seen if d.asin not in keep])
+            scan.add_to_backlog(con, changed)
+            if started is not None:
+                if complete:
+                    scan.finish_scan(con, WATERMARK_NAME, started)
+                else:
+                    scan.save_position(con, WATERMARK_NAME, scan.ScanPosition(report.scan_next_page, started,
+                                                                              tuple(last_asins)))
+        return changed
 
     def _run(self, report: UpsertReport, deadline_ms: int | None, on_chunk) -> None:
         changed, server_minute = self._fetch_changed(report, deadline_ms)
@@ -243,6 +359,9 @@ class RecentDealsUpdater:
             selected = changed[: report.batch_size]  # backlog: oldest first, nothing skipped
         report.selected = len(selected)
         report.remaining_changed = len(changed) - len(selected) if report.watermark_before is not None else 0
+        if not report.scan_complete:
+            report.status = "scanning"  # the scan resumes next run; its pages are paid and kept
+            return
         if not selected:
             report.status = "nothing_new"
             return
@@ -250,8 +369,14 @@ class RecentDealsUpdater:
         for start in range(0, len(selected), size):
             chunk = selected[start : start + size]
             plan = self.enricher.plan(chunk)
+            report.share = self.share_decision(int(self.enricher.predicted_cost(len(plan.to_fetch))) if plan.to_fetch else 0)
+            if plan.to_fetch and not report.share.allowed:
+                report.status = "share_deferred"  # committed chunks stay; the backlog waits for the share
+                report.error = report.share.reason
+                return
             fetched = self.enricher.fetch(
-                plan.to_fetch, deadline_ms=deadline_ms, detail=f"upsert {report.run_id} chunk {start // size}"
+                plan.to_fetch, deadline_ms=self._slot_deadline(deadline_ms),
+                detail=f"upsert {report.run_id} chunk {start // size}",
             )
             if fetched.status is not None:
                 server_minute = max(server_minute, unix_ms_to_keepa_minute(fetched.status.timestamp_ms))
@@ -262,6 +387,7 @@ class RecentDealsUpdater:
                 target = Watermark(server_minute, "")
             with self.db.transaction() as con:
                 new, updated = self.enricher.commit(con, plan, fetched)
+                scan.drop_from_backlog(con, chunk)
                 current = con.execute(
                     "SELECT last_update_minute, asin FROM watermarks WHERE name = ?", [WATERMARK_NAME]
                 ).fetchone()

@@ -30,7 +30,7 @@ def test_a_permanently_failing_chunk_is_quarantined_after_n_attempts_and_the_nex
     assert (q.page, q.chunk_index, q.attempts) == (0, 0, 3) and "400" in (q.error or "")
     assert backfill.unfinished_chunks(0) == []
     # The sensor's view moves on to page 1, and page 1 runs.
-    from deals_pipeline.sensors import next_backfill_page
+    from deals_pipeline.defs.sensors import next_backfill_page
 
     assert next_backfill_page(stack.db, fp)[0] == 1
     assert backfill.run_page(1).complete
