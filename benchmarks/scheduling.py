@@ -142,18 +142,24 @@ def section(results: list[dict]) -> str:
     return "\n".join(out)
 
 
+def run_all(tmp: Path, *, hours: float) -> list[dict]:
+    """Both sortType-1 orderings when the simulator offers the knob, else its one ordering."""
+    fields = {f.name for f in dataclasses.fields(SimulatorConfig)}
+    orderings = list(ORDERINGS) if "sort1_orders_by" in fields else [None]
+    results = []
+    for ordering in orderings:
+        results.append(run_one(tmp, hours=hours, ordering=ordering))
+        print({k: v for k, v in results[-1].items() if k != "churn"}, flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hours", type=float, default=24.0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "SCHEDULING.md")
     args = parser.parse_args()
-    fields = {f.name for f in dataclasses.fields(SimulatorConfig)}
-    orderings = list(ORDERINGS) if "sort1_orders_by" in fields else [None]
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for ordering in orderings:
-            results.append(run_one(Path(tmp), hours=args.hours, ordering=ordering))
-            print({k: v for k, v in results[-1].items() if k != "churn"}, flush=True)
+        results = run_all(Path(tmp), hours=args.hours)
     text = section(results)
     args.out.write_text(text)
     print(text)

@@ -14,9 +14,12 @@ settles it, and the simulator offers both):
   the previous complete scan minus the overlap (every change above it was seen), else the watermark
   minus the overlap.
 * **Resume rule.** The list moves between runs (new deals push it down; expiries and, under lastUpdate
-  order, updates moving to the top pull it up). A resume re-reads the page before the stored position
-  and requires it to share an ASIN with the last page read. Without one it steps back a page, and after
-  ``MAX_STEP_BACKS`` it restarts at page 0: a deal is never skipped, at the price of at most a few pages.
+  order, updates moving to the top pull it up). A resume reads the stored next page and requires it to
+  share an ASIN with the last page read: unchanged deals keep their relative order under either
+  ordering, so if one of them is still at or below the boundary, every deal that was below it still is
+  (a deal that changed is newer than the scan's start and the next scan from page 0 finds it).
+  Without an overlap the list moved up: the resume steps back a page (paying once more), and after
+  ``MAX_STEP_BACKS`` restarts at page 0. A deal is never skipped; the common case re-pays nothing.
 """
 
 from __future__ import annotations
@@ -68,13 +71,15 @@ def read_coverage(con: duckdb.DuckDBPyConnection, name: str) -> int | None:
 
 def add_to_backlog(con: duckdb.DuckDBPyConnection, deals: list[Deal]) -> None:
     """Remember paid-for deals (newest version per ASIN wins)."""
-    for deal in deals:
-        con.execute(
-            "INSERT INTO upsert_backlog VALUES (?, ?, ?, ?) ON CONFLICT (asin) DO UPDATE SET "
-            "last_update_minute = excluded.last_update_minute, raw_deal = excluded.raw_deal, found_at = excluded.found_at "
-            "WHERE excluded.last_update_minute > upsert_backlog.last_update_minute",
-            [deal.asin, int(deal.last_update), json.dumps(deal.raw, separators=(",", ":")), utcnow()],
-        )
+    if not deals:
+        return
+    now = utcnow()
+    con.executemany(
+        "INSERT INTO upsert_backlog VALUES (?, ?, ?, ?) ON CONFLICT (asin) DO UPDATE SET "
+        "last_update_minute = excluded.last_update_minute, raw_deal = excluded.raw_deal, found_at = excluded.found_at "
+        "WHERE excluded.last_update_minute > upsert_backlog.last_update_minute",
+        [[d.asin, int(d.last_update), json.dumps(d.raw, separators=(",", ":")), now] for d in deals],
+    )
 
 
 def read_backlog(db: Database) -> list[Deal]:
@@ -85,9 +90,9 @@ def read_backlog(db: Database) -> list[Deal]:
 
 def drop_from_backlog(con: duckdb.DuckDBPyConnection, deals: list[Deal]) -> None:
     """Committed (or no longer wanted) deals leave the backlog, unless a newer version arrived since."""
-    for deal in deals:
-        con.execute("DELETE FROM upsert_backlog WHERE asin = ? AND last_update_minute <= ?",
-                    [deal.asin, int(deal.last_update)])
+    if deals:
+        con.executemany("DELETE FROM upsert_backlog WHERE asin = ? AND last_update_minute <= ?",
+                        [[d.asin, int(d.last_update)] for d in deals])
 
 
 def overlaps(page_asins: list[str], position: ScanPosition) -> bool:

@@ -263,7 +263,7 @@ class RecentDealsUpdater:
         bound = None
         if watermark is not None:
             bound = max(watermark.last_update_minute, coverage or 0) - overlap
-        page = max(0, position.next_page - 1) if position is not None else 0
+        page = position.next_page if position is not None else 0
         started = position.started_minute if position is not None else None
         check_overlap = position is not None and page > 0
         step_backs = 0
@@ -311,7 +311,7 @@ class RecentDealsUpdater:
         if watermark is None:
             complete = True  # the first run takes the newest batch of what it read; older deals are the backfill's
         report.scan_complete = complete
-        report.scan_next_page = 0 if complete else page  # the first unread page; the resume re-reads the one before
+        report.scan_next_page = 0 if complete else page  # the first unread page
         changed = self._remember_scan(report, watermark, list(newest.values()), complete, started, last_asins)
         if stopped is not None:
             raise stopped
