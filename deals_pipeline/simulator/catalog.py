@@ -36,6 +36,8 @@ N_INTERVALS = 4
 #: priceTypes accepted by /deal (KEEPA_API.md §4.1).
 DEAL_PRICE_TYPES = frozenset({0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 18, 19, 20, 21, 22, 32, 33})
 UNKNOWN_ROOT = 9223372036854775807
+#: What sortType 1 ("deal age") may order by; no real sample settles which (KEEPA_API.md §4.2).
+SORT1_FIELDS = ("lastUpdate", "creationDate")
 #: Observed: lastUpdate up to 1,340 min before the response timestamp.
 INITIAL_SPREAD_MIN = 1_340
 
@@ -309,17 +311,58 @@ def _make_deal(static: _Static, seed: int, version: int, last_update: int) -> di
     return deal
 
 
+#: A refresh changes a price type's current value with this probability (most refreshes only move
+#: ``lastUpdate`` and the rank), by at most this fraction: so a refreshed deal moves a few places in the
+#: delta orders, and the real samples' repeats sit only at page boundaries.
+_REFRESH_PRICE_P = 0.1
+_REFRESH_PRICE_MAX = 0.05
+
+
+def _refresh_deal(prev: dict[str, Any], rng: random.Random, last_update: int) -> dict[str, Any]:
+    """The next version of a listed deal: a Keepa refresh, i.e. a new ``lastUpdate``, a new rank most of the
+    time, now and then a small price move (``delta`` = avg - current and ``deltaPercent`` recomputed)."""
+    cur = list(prev["current"])
+    delta_last = [0] * N_TYPES
+    since = list(prev["currentSince"])
+    for i, c in enumerate(cur):
+        if c <= 0 or i in _COUNT_TYPES:
+            continue
+        p = 0.7 if i == 3 else _REFRESH_PRICE_P
+        if rng.random() < p:
+            span = 0.2 if i == 3 else _REFRESH_PRICE_MAX
+            new = max(1, round(c * (1.0 + rng.uniform(-span, span))))
+            delta_last[i] = new - c
+            since[i] = last_update
+            cur[i] = new
+    delta, pct = [], []
+    for a_row in prev["avg"]:
+        d_row, p_row = [], []
+        for c, a in zip(cur, a_row):
+            if c >= 0 and a > 0:
+                d_row.append(a - c)
+                p_row.append(round((a - c) * 100 / a))
+            else:
+                d_row.append(0)
+                p_row.append(0)
+        delta.append(d_row)
+        pct.append(p_row)
+    deal = dict(prev)
+    deal.update(current=cur, delta=delta, deltaPercent=pct, deltaLast=delta_last, currentSince=since,
+                lastUpdate=last_update)
+    return deal
+
+
 #: Initial catalogs are pure functions of (seed, size, start_ms): memoize small ones (tests build many).
 _INITIAL_CACHE: dict[tuple[int, int, int], tuple[Any, ...]] = {}
 _INITIAL_LOCK = threading.Lock()
 _INITIAL_CACHE_MAX_SIZE = 2_000
 
 
-def _sort_key_fn(sort_type: int, date_range: int, price_type: int):
+def _sort_key_fn(sort_type: int, date_range: int, price_type: int, sort1_orders_by: str = "lastUpdate"):
     """Key for the natural (non-inverted) order of ``abs(sort_type)``; ties break by ASIN."""
     st = abs(sort_type)
-    if st == 1:  # deal age: newest lastUpdate first
-        return lambda d: (-d["lastUpdate"], d["asin"])
+    if st == 1:  # deal age, newest first: by lastUpdate or creationDate (KEEPA_API.md §4.2 leaves it open)
+        return lambda d: (-d[sort1_orders_by], d["asin"])
     if st == 2:  # absolute delta, highest first
         return lambda d: (-d["delta"][date_range][price_type], d["asin"])
     if st == 3:  # sales rank, lowest first; no rank (-1/-2) last
@@ -340,19 +383,25 @@ class SyntheticCatalog:
         start_ms: int,
         drift_new_per_hour: float = 0.0,
         drift_updates_per_hour: float = 0.0,
+        drift_expired_per_hour: float = 0.0,
+        sort1_orders_by: str = "lastUpdate",
         offers_pages_max: int = 2,
         future_minute_fraction: float = 0.005,
     ) -> None:
         if size < 0:
             raise ValueError("catalog size must be >= 0")
-        if drift_new_per_hour < 0 or drift_updates_per_hour < 0:
+        if drift_new_per_hour < 0 or drift_updates_per_hour < 0 or drift_expired_per_hour < 0:
             raise ValueError("drift rates must be >= 0")
+        if sort1_orders_by not in SORT1_FIELDS:
+            raise ValueError(f"sort1_orders_by must be one of {SORT1_FIELDS}, got {sort1_orders_by!r}")
         if offers_pages_max < 1:
             raise ValueError("offers_pages_max must be >= 1")
         self.seed = int(seed)
         self.start_ms = int(start_ms)
         self.drift_new_per_hour = float(drift_new_per_hour)
         self.drift_updates_per_hour = float(drift_updates_per_hour)
+        self.drift_expired_per_hour = float(drift_expired_per_hour)
+        self.sort1_orders_by = sort1_orders_by
         self.offers_pages_max = int(offers_pages_max)
         self.future_minute_fraction = float(future_minute_fraction)
         self._lock = threading.RLock()
@@ -360,7 +409,11 @@ class SyntheticCatalog:
         self._deals: dict[str, dict[str, Any]] = {}
         self._version_no: dict[str, int] = {}
         self._versions: list[DealVersion] = []
-        self._asin_order: list[str] = []  # insertion order, for uniform picks
+        self._asin_order: list[str] = []  # every ASIN ever listed, in first-listed order
+        # Listed ASINs, for O(1) uniform picks and removals (swap-remove on expiry).
+        self._live: list[str] = []
+        self._live_idx: dict[str, int] = {}
+        self._expired: list[tuple[str, int]] = []  # (asin, visible_from_ms) of every expiry
         self._generation = 0  # bumps on every change; keys the sort cache
         self._sort_cache: dict[tuple[int, int, int], tuple[int, list[dict[str, Any]]]] = {}
         self._cat_cache: tuple[int, dict[str, list[Any]]] | None = None
@@ -384,9 +437,16 @@ class SyntheticCatalog:
             static = _make_static(asin, self.seed, creation if creation is not None else last_update)
             self._statics[asin] = static
             self._asin_order.append(asin)
+        if asin not in self._live_idx:
+            self._live_idx[asin] = len(self._live)
+            self._live.append(asin)
         version = self._version_no.get(asin, -1) + 1
         self._version_no[asin] = version
-        self._deals[asin] = _make_deal(static, self.seed, version, last_update)
+        previous = self._deals.get(asin)
+        if previous is None:
+            self._deals[asin] = _make_deal(static, self.seed, version, last_update)
+        else:
+            self._deals[asin] = _refresh_deal(previous, _rng(self.seed, "refresh", asin, version), last_update)
         self._versions.append(DealVersion(asin, last_update, visible_from_ms))
         self._generation += 1
 
@@ -398,6 +458,8 @@ class SyntheticCatalog:
             statics, deals, version_no, versions, order = cached
             self._statics, self._deals, self._version_no = dict(statics), dict(deals), dict(version_no)
             self._versions, self._asin_order = list(versions), list(order)
+            self._live = list(order)
+            self._live_idx = {a: i for i, a in enumerate(order)}
             self._generation += 1
             return
         rng = _rng(self.seed, "catalog")
@@ -424,7 +486,7 @@ class SyntheticCatalog:
     # -- drift -------------------------------------------------------------------------------
     @property
     def drifting(self) -> bool:
-        return self.drift_new_per_hour > 0 or self.drift_updates_per_hour > 0
+        return self.drift_new_per_hour > 0 or self.drift_updates_per_hour > 0 or self.drift_expired_per_hour > 0
 
     @staticmethod
     def _count(rng: random.Random, per_minute: float) -> int:
@@ -439,6 +501,9 @@ class SyntheticCatalog:
             events.append((slot_start + rng.randrange(60_000), "new", rng.getrandbits(64)))
         for _ in range(self._count(rng, self.drift_updates_per_hour / 60.0)):
             events.append((slot_start + rng.randrange(60_000), "update", rng.getrandbits(64)))
+        if self.drift_expired_per_hour > 0:  # drawn last: catalogs without expiry keep their old streams
+            for _ in range(self._count(rng, self.drift_expired_per_hour / 60.0)):
+                events.append((slot_start + rng.randrange(60_000), "expire", rng.getrandbits(64)))
         events.sort()
         for t, kind, ev_seed in events:
             if t <= self.start_ms:  # slot 0 starts at the start instant: nothing is visible *at* it
@@ -448,17 +513,32 @@ class SyntheticCatalog:
 
     def _apply(self, t: int, kind: str, ev_seed: int) -> None:
         rng = random.Random(ev_seed)
+        if kind == "expire":
+            if self._live:
+                self._expire(self._live[rng.randrange(len(self._live))], t)
+            return
         minute = unix_ms_to_keepa_minute(t)
         if rng.random() < self.future_minute_fraction:
             minute += 1  # observed: lastUpdate up to 1 min ahead of the server timestamp
-        if kind == "new" or not self._asin_order:
+        if kind == "new" or not self._live:
             asin = self._new_asin(rng)
             self._add_version(asin, minute, t, creation=unix_ms_to_keepa_minute(t))
         else:
-            asin = self._asin_order[rng.randrange(len(self._asin_order))]
+            asin = self._live[rng.randrange(len(self._live))]
             # lastUpdate never goes back in time for an ASIN.
             minute = max(minute, self._deals[asin]["lastUpdate"])
             self._add_version(asin, minute, t)
+
+    def _expire(self, asin: str, t: int) -> None:
+        """Take ``asin`` off the list (its statics stay, so a new deal never reuses the ASIN)."""
+        i = self._live_idx.pop(asin)
+        last = self._live.pop()
+        if last != asin:
+            self._live[i] = last
+            self._live_idx[last] = i
+        del self._deals[asin]
+        self._expired.append((asin, t))
+        self._generation += 1
 
     def advance_to(self, now_ms: int) -> None:
         """Make every drift event with a visible time <= ``now_ms`` visible."""
@@ -488,7 +568,9 @@ class SyntheticCatalog:
             cached = self._sort_cache.get(key)
             if cached is not None and cached[0] == self._generation:
                 return cached[1]
-            ordered = sorted(self._deals.values(), key=_sort_key_fn(sort_type, date_range, price_type))
+            ordered = sorted(
+                self._deals.values(), key=_sort_key_fn(sort_type, date_range, price_type, self.sort1_orders_by)
+            )
             if sort_type < 0:
                 ordered.reverse()
             if len(self._sort_cache) > 32:
@@ -542,10 +624,17 @@ class SyntheticCatalog:
         with self._lock:
             if now_ms is not None:
                 self.advance_to(now_ms)
-            return list(self._asin_order)
+            return [a for a in self._asin_order if a in self._deals]
+
+    def expired(self, now_ms: int | None = None) -> list[tuple[str, int]]:
+        """Every (asin, visible_from_ms) taken off the list so far, in time order."""
+        with self._lock:
+            if now_ms is not None:
+                self.advance_to(now_ms)
+            return list(self._expired)
 
     def newest(self, n: int, now_ms: int) -> list[dict[str, Any]]:
-        """The ``n`` newest deals (sortType 1 order) at ``now_ms``."""
+        """The ``n`` first deals in sortType 1 order at ``now_ms``."""
         return self.ordered(1, 0, 0, now_ms)[: max(0, n)]
 
     def versions(self, now_ms: int | None = None) -> list[DealVersion]:
