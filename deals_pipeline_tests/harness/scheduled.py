@@ -21,6 +21,8 @@ from deals_pipeline.keepa.keepa_time import unix_ms_to_keepa_minute
 from deals_pipeline.scheduling import observed_arrivals_per_hour, poll_interval
 
 TICK_MS = 60_000
+#: The relaunched op may itself wait up to its slot bound: wake that much before the tokens are there.
+BOUND_SLACK_MS = 60_000
 
 
 @dataclass
@@ -82,6 +84,7 @@ def simulate_scheduled(stack, *, hours: float, backfill, updater, max_poll_share
             next_poll = started + plan.interval_s * 1000
             continue
         progressed = False
+        wake_ms = clock.now_ms() + TICK_MS
         if not report.backfill_done:
             try:
                 snapshot = backfill.snapshot(page, deadline_ms=end)
@@ -95,6 +98,9 @@ def simulate_scheduled(stack, *, hours: float, backfill, updater, max_poll_share
                     progressed = True
                 elif outcome is not None and outcome.status == "deferred":
                     report.backfill_chunks_deferred += 1
+                    # deal_pages_sensor relaunches once a chunk is affordable (its budget gate says when).
+                    if outcome.wait_ms:
+                        wake_ms = max(wake_ms, clock.now_ms() + outcome.wait_ms - BOUND_SLACK_MS)
                 elif outcome is not None and outcome.status in ("failed", "quarantined", "already_done"):
                     progressed = True
                 if not backfill.unfinished_chunks(page):
@@ -108,7 +114,7 @@ def simulate_scheduled(stack, *, hours: float, backfill, updater, max_poll_share
                         progressed = True
         if not progressed:
             # The sensors tick once a minute: the deferred chunk is relaunched at the next tick.
-            clock.sleep_ms(max(1, min(next_poll, end, clock.now_ms() + TICK_MS) - clock.now_ms()))
+            clock.sleep_ms(max(1, min(next_poll, end, wake_ms) - clock.now_ms()))
     _record_discoveries(stack, report)
     return report
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from deals_pipeline.budget import BudgetDeadline, Priority
 from deals_pipeline.scheduling import spent_by_priority
 from deals_pipeline.simulator import SimulatorConfig
@@ -11,6 +13,8 @@ SHARE = 0.35
 BOUND_S = 120
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_an_upsert_launched_during_a_starved_backfill_gets_its_share(make_stack):
     config = SimulatorConfig(refill_rate=5, initial_tokens=0, catalog_size=2000,
                              drift_new_per_hour=60, drift_updates_per_hour=250)
@@ -18,14 +22,14 @@ def test_an_upsert_launched_during_a_starved_backfill_gets_its_share(make_stack)
     backfill = stack.backfill(max_wait_in_slot_s=BOUND_S)
     updater = stack.updater(max_wait_in_slot_s=BOUND_S, backfill_fingerprint=backfill.fingerprint,
                             upsert_share=SHARE, max_pages_per_run=10)
-    # The backfill alone for an hour: it takes every token and keeps waiting (starved), deferring chunks.
+    # The backfill alone for half an hour: it takes every token and keeps waiting (starved), deferring chunks.
     snapshot = None
     while snapshot is None:
         try:
             snapshot = backfill.snapshot(0)
         except BudgetDeadline:  # deferred: not affordable within the bound; the sensor relaunches a minute later
             stack.clock.advance(60_000)
-    end = stack.clock.now_ms() + 3_600_000
+    end = stack.clock.now_ms() + 1_800_000
     deferred = 0
     while stack.clock.now_ms() < end:
         outcome = backfill.run_chunk(snapshot, backfill.unfinished_chunks(0)[0])
@@ -35,7 +39,7 @@ def test_an_upsert_launched_during_a_starved_backfill_gets_its_share(make_stack)
     assert deferred > 0, "the backfill was never short of tokens"
     # Now the upsert sensor starts launching, in the production schedule (one slot, bounded waits).
     start = stack.clock.now_ms()
-    hours = 4
+    hours = 3
     report = simulate_scheduled(stack, hours=hours, backfill=backfill, updater=updater)
     with stack.db.connect() as con:
         spent = spent_by_priority(con, since_ms=start)
