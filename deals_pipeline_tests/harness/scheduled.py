@@ -34,7 +34,7 @@ class ScheduledReport:
     backfill_chunks_deferred: int = 0
     backfill_pages_complete: int = 0
     backfill_done: bool = False
-    #: asin -> timeline ms when the pipeline first held it (in `deals` or the upsert backlog)
+    #: asin -> timeline ms when the pipeline first held it in `deals` (discovered or enriched)
     discovered_ms: dict = field(default_factory=dict)
     ages_min: list = field(default_factory=list)
     longest_slot_wait_ms: int = 0
@@ -50,7 +50,7 @@ class ScheduledReport:
 def _record_discoveries(stack, report: ScheduledReport) -> None:
     now = stack.clock.now_ms()
     with stack.db.connect() as con:
-        held = {r[0] for r in con.execute("SELECT asin FROM deals UNION SELECT asin FROM upsert_backlog").fetchall()}
+        held = {r[0] for r in con.execute("SELECT asin FROM deals").fetchall()}
     for asin in held - report.discovered_ms.keys():
         report.discovered_ms[asin] = now
 
