@@ -898,13 +898,8 @@ def main() -> None:
         orch = orchestration(tmp)
         log("4. storage")
         store = storage(tmp, 5_000 if q else 100_000)
-        log("6. when to spend: shares, deferral, adaptive polling (benchmarks/scheduling.py)")
-        import scheduling as scheduling_bench  # benchmarks/ is on sys.path when run as a script
-
-        scheduling_results = scheduling_bench.run_all(tmp, hours=0.5 if q else 24)
     total = time.perf_counter() - T_START
     text = render(m, main_run, scaling, dense, orch, store, args, total, command)
-    text += "\n" + scheduling_bench.section(scheduling_results)
     output.write_text(text)
     log(f"wrote {output} ({total:.0f}s total)")
 
