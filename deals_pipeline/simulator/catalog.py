@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple
 
 from deals_pipeline.keepa.keepa_time import unix_ms_to_keepa_minute
+from deals_pipeline.simulator.filters import DealFilter
 
 #: Deals per /deal page, and the most a query yields (pages 0..66).
 PAGE_SIZE = 150
@@ -41,36 +42,54 @@ SORT1_FIELDS = ("lastUpdate", "creationDate")
 #: Observed: lastUpdate up to 1,340 min before the response timestamp.
 INITIAL_SPREAD_MIN = 1_340
 
-#: (id, name, weight). Taken from the categoryIds/categoryNames of the real samples; Books dominates.
+#: (id, name, weight): the categoryIds/categoryNames/categoryCount of the real sample b3f7397 (the deals of the
+#: Books/used query's ranges, in every root category).
 ROOT_CATEGORIES: tuple[tuple[int, str, float], ...] = (
-    (283155, "Books", 70.0),
-    (5174, "CDs & Vinyl", 6.0),
-    (2625373011, "Movies & TV", 5.0),
-    (1055398, "Home & Kitchen", 2.0),
-    (172282, "Electronics", 1.5),
-    (228013, "Tools & Home Improvement", 1.5),
-    (7141123011, "Clothing, Shoes & Jewelry", 1.5),
-    (1064954, "Office Products", 1.0),
-    (15684181, "Automotive", 1.0),
-    (3375251, "Sports & Outdoors", 1.0),
-    (468642, "Video Games", 1.0),
-    (2972638011, "Patio, Lawn & Garden", 0.8),
-    (16310091, "Industrial & Scientific", 0.5),
-    (2335752011, "Cell Phones & Accessories", 0.5),
-    (3760901, "Health & Household", 0.5),
-    (165793011, "Toys & Games", 0.5),
-    (2617941011, "Arts, Crafts & Sewing", 0.5),
-    (11091801, "Musical Instruments", 0.4),
-    (3760911, "Beauty & Personal Care", 0.4),
-    (2619533011, "Pet Supplies", 0.3),
-    (2619525011, "Appliances", 0.3),
-    (16310101, "Grocery & Gourmet Food", 0.3),
-    (165796011, "Baby Products", 0.2),
-    (UNKNOWN_ROOT, "?", 0.3),
+    (283155, "Books", 779.0),
+    (5174, "CDs & Vinyl", 974.0),
+    (2625373011, "Movies & TV", 589.0),
+    (1055398, "Home & Kitchen", 92.0),
+    (172282, "Electronics", 41.0),
+    (228013, "Tools & Home Improvement", 102.0),
+    (7141123011, "Clothing, Shoes & Jewelry", 104.0),
+    (1064954, "Office Products", 49.0),
+    (15684181, "Automotive", 48.0),
+    (3375251, "Sports & Outdoors", 35.0),
+    (468642, "Video Games", 30.0),
+    (2972638011, "Patio, Lawn & Garden", 25.0),
+    (16310091, "Industrial & Scientific", 13.0),
+    (2335752011, "Cell Phones & Accessories", 7.0),
+    (3760901, "Health & Household", 6.0),
+    (165793011, "Toys & Games", 5.0),
+    (2617941011, "Arts, Crafts & Sewing", 4.0),
+    (11091801, "Musical Instruments", 5.0),
+    (3760911, "Beauty & Personal Care", 1.0),
+    (2619533011, "Pet Supplies", 1.0),
+    (2619525011, "Appliances", 4.0),
+    (16310101, "Grocery & Gourmet Food", 2.0),
+    (165796011, "Baby Products", 1.0),
+    (UNKNOWN_ROOT, "?", 2.0),
 )
 _ROOT_NAMES = {cid: name for cid, name, _ in ROOT_CATEGORIES}
+BOOKS = 283155
+USED = 2
+#: The production Books/used query (deals_pipeline.config.DEFAULT_SELECTION, KEEPA_API.md §4.1). The catalog
+#: is drawn around it: REFERENCE_SHARE of the deals meet all its filters (800 deals -> ~770, as the samples'
+#: 755-793), every other deal misses exactly one, so each filter visibly removes its own misses.
+REFERENCE_SELECTION: dict[str, Any] = {
+    "domainId": 1, "priceTypes": [2], "dateRange": 3, "isFilterEnabled": True, "isRangeEnabled": True,
+    "deltaPercentRange": [50, 2147483647], "deltaRange": [1950, 9900], "currentRange": [2000, 30100],
+    "salesRankRange": [50000, 1500000], "minRating": 10, "includeCategories": [BOOKS],
+}
+_REF = REFERENCE_SELECTION
+REFERENCE = "reference"
+REFERENCE_SHARE = 0.96
+#: Which filter a non-reference deal misses, and how often ("category": a root other than Books).
+_MISSES = ("category", "price", "delta", "percent", "rank", "rating")
+_MISS_WEIGHTS = (0.5, 0.1, 0.1, 0.1, 0.1, 0.1)
+_OTHER_ROOT_IDS = [cid for cid, _, _ in ROOT_CATEGORIES if cid != BOOKS]
+_OTHER_ROOT_WEIGHTS = [w for cid, _, w in ROOT_CATEGORIES if cid != BOOKS]
 _ROOT_IDS = [cid for cid, _, _ in ROOT_CATEGORIES]
-_ROOT_WEIGHTS = [w for _, _, w in ROOT_CATEGORIES]
 
 _WORDS = (
     "history art garden river night city dream light shadow secret journey kitchen science music ocean "
@@ -182,11 +201,13 @@ class _Static(NamedTuple):
     creation_date: int
     warehouse_condition: int
     warehouse_comment: str | None
+    profile: str
 
 
 def _make_static(asin: str, seed: int, creation_date: int) -> _Static:
     rng = _rng(seed, "static", asin)
-    root = rng.choices(_ROOT_IDS, weights=_ROOT_WEIGHTS)[0]
+    profile = REFERENCE if rng.random() < REFERENCE_SHARE else rng.choices(_MISSES, weights=_MISS_WEIGHTS)[0]
+    root = BOOKS if profile != "category" else rng.choices(_OTHER_ROOT_IDS, weights=_OTHER_ROOT_WEIGHTS)[0]
     cats = sorted({rng.choice((rng.randint(1_000, 30_000), rng.randint(1_000_000_000, 20_000_000_000)))
                    for _ in range(rng.randint(1, 4))})
     wc = 0
@@ -195,13 +216,63 @@ def _make_static(asin: str, seed: int, creation_date: int) -> _Static:
         wc = rng.choice((2, 2, 3, 4, 5))
         if rng.random() < 0.8:
             comment = rng.choice(_WAREHOUSE_COMMENTS)
-    return _Static(asin, _title(rng), cats, root, _image(rng), creation_date, wc, comment)
+    return _Static(asin, _title(rng), cats, root, _image(rng), creation_date, wc, comment, profile)
 
 
-def _prices(rng: random.Random, wc: int) -> list[int]:
+class _UsedShape(NamedTuple):
+    """The cells the reference query reads: USED price and its four averages, sales rank, rating."""
+
+    used: int
+    avg: tuple[int, int, int, int]
+    rank: int
+    rating: int
+
+
+def _shape(profile: str, rng: random.Random) -> _UsedShape:
+    """Draw the reference query's cells so the deal meets every filter of REFERENCE_SELECTION, or misses
+    exactly the one its ``profile`` names (KEEPA_API.md §4.1; ``delta`` = average - current)."""
+    (c_lo, c_hi), (d_lo, d_hi) = _REF["currentRange"], _REF["deltaRange"]
+    p_lo, p_hi = _REF["deltaPercentRange"][0], 81  # the samples' highest 90-day USED drop is 81 %
+    r_lo, r_hi = _REF["salesRankRange"]
+    rank = round(math.exp(rng.uniform(math.log(r_lo), math.log(r_hi))))
+    rating = rng.randint(_REF["minRating"], 50)
+    if profile == "rank":
+        rank = rng.randint(1_000, r_lo - 1) if rng.random() < 0.5 else rng.randint(r_hi + 1, 5_000_000)
+    elif profile == "rating":
+        rating = -1 if rng.random() < 0.3 else rng.randint(0, _REF["minRating"] - 1)
+    used = avg3 = 0
+    for _ in range(100):
+        # Percentage drops crowd near the filter minimum, as in the samples (81 ... 50).
+        pct = rng.randint(10, p_lo - 1) if profile == "percent" else p_lo + int((p_hi - p_lo + 1) * rng.random() ** 2)
+        lo = max(c_lo, math.ceil(d_lo * (100 - pct) / pct))
+        hi = min(c_hi, math.floor(d_hi * (100 - pct) / pct))
+        if profile == "price":
+            lo, hi = (199, c_lo - 1) if rng.random() < 0.5 else (c_hi + 1, 60_000)
+        elif profile == "delta":
+            lo, hi = max(c_lo, math.floor(d_hi * (100 - pct) / pct) + 1), c_hi
+        if lo > hi:
+            continue
+        used = rng.randint(lo, hi)
+        avg3 = round(used * 100 / (100 - pct))
+        delta, p = avg3 - used, round((avg3 - used) * 100 / avg3)
+        in_price, in_delta, in_pct = c_lo <= used <= c_hi, d_lo <= delta <= d_hi, p >= p_lo
+        wanted = {
+            "price": (not in_price, in_pct),
+            "delta": (in_price, not in_delta, in_pct),
+            "percent": (in_price, in_delta, not in_pct),
+        }.get(profile, (in_price, in_delta, in_pct))
+        if all(wanted):
+            break
+    delta3 = avg3 - used
+    # Shorter intervals hold smaller drops: few deals pass the filters on intervals 0-2 (18-203 of ~770).
+    avgs = tuple(used + round(delta3 * rng.uniform(lo_f, hi_f)) for lo_f, hi_f in ((0, 0.4), (0.05, 0.65), (0.15, 0.85)))
+    return _UsedShape(used, (*avgs, avg3), rank, rating)
+
+
+def _prices(rng: random.Random, wc: int, shape: _UsedShape | None = None) -> list[int]:
     """``current``: 34 ints, -1 where there is no offer, -2 sometimes at RENT (31) as in real data."""
     cur = [-1] * N_TYPES
-    used = rng.randint(199, 30_000)
+    used = rng.randint(199, 30_000) if shape is None else shape.used
     new = used + rng.randint(0, 25_000) if rng.random() < 0.75 else -1
     cur[0] = new + rng.randint(-200, 500) if new > 0 and rng.random() < 0.3 else -1  # AMAZON
     cur[1] = new
@@ -228,13 +299,16 @@ def _prices(rng: random.Random, wc: int) -> list[int]:
     cur[29] = used + rng.randint(0, 2_000) if rng.random() < 0.3 else -1  # EBAY_USED_SHIPPING
     cur[31] = -2 if rng.random() < 0.18 else -1  # RENT
     cur[32] = used + 399 if rng.random() < 0.8 else -1  # BUY_BOX_USED_SHIPPING
+    if shape is not None:
+        cur[3], cur[16] = shape.rank, shape.rating
     return cur
 
 
 def _make_deal(static: _Static, seed: int, version: int, last_update: int) -> dict[str, Any]:
     """A complete deal object (KEEPA_API.md §4.5) for one version of an ASIN."""
     rng = _rng(seed, "deal", static.asin, version)
-    cur = _prices(rng, static.warehouse_condition)
+    shape = _shape(static.profile, _rng(seed, "shape", static.asin, version))
+    cur = _prices(rng, static.warehouse_condition, shape)
     # Fractional drop of the average versus current per interval, growing with the interval length.
     base_drop = rng.uniform(-0.3, 0.9)
     rnd = rng.random
@@ -264,6 +338,9 @@ def _make_deal(static: _Static, seed: int, version: int, last_update: int) -> di
             else:
                 d_row.append(0)
                 p_row.append(0)
+        a_row[USED] = shape.avg[r]
+        d_row[USED] = shape.avg[r] - cur[USED]
+        p_row[USED] = round(d_row[USED] * 100 / shape.avg[r])
         avg.append(a_row)
         delta.append(d_row)
         pct.append(p_row)
@@ -352,6 +429,26 @@ def _refresh_deal(prev: dict[str, Any], rng: random.Random, last_update: int) ->
     return deal
 
 
+#: Mean time between two refreshes of a listed deal under CALIBRATED_CHURN (800 deals / 250 per hour).
+_MEAN_REFRESH_MIN = 192
+
+
+def _initial_ages(rng: random.Random) -> tuple[int, int]:
+    """(creationDate age, lastUpdate age) in minutes for the list as it stands when the simulator starts,
+    drawn like the samples (KEEPA_API.md §4.6): 4-11 % created in the last hour, about half in the last
+    24 h, the oldest ~60 days back; lastUpdate within 22.3 h, 20-47 % in the last hour (a deal is
+    refreshed every ~3.2 h under calibrated churn)."""
+    r = rng.random()
+    if r < 0.08:
+        creation_age = rng.randint(0, 59)
+    elif r < 0.5:
+        creation_age = rng.randint(60, 1_439)
+    else:
+        creation_age = round(math.exp(rng.uniform(math.log(1_440), math.log(60 * 1_440))))
+    update_age = min(creation_age, INITIAL_SPREAD_MIN, int(rng.expovariate(1 / _MEAN_REFRESH_MIN)))
+    return creation_age, update_age
+
+
 #: Initial catalogs are pure functions of (seed, size, start_ms): memoize small ones (tests build many).
 _INITIAL_CACHE: dict[tuple[int, int, int], tuple[Any, ...]] = {}
 _INITIAL_LOCK = threading.Lock()
@@ -415,8 +512,8 @@ class SyntheticCatalog:
         self._live_idx: dict[str, int] = {}
         self._expired: list[tuple[str, int]] = []  # (asin, visible_from_ms) of every expiry
         self._generation = 0  # bumps on every change; keys the sort cache
-        self._sort_cache: dict[tuple[int, int, int], tuple[int, list[dict[str, Any]]]] = {}
-        self._cat_cache: tuple[int, dict[str, list[Any]]] | None = None
+        self._sort_cache: dict[tuple[Any, ...], tuple[int, list[dict[str, Any]]]] = {}
+        self._cat_cache: dict[DealFilter | None, tuple[int, dict[str, list[Any]]]] = {}
         # Drift state: minute slots generated so far, and events not yet visible.
         self._slots_generated = 0
         self._pending: list[tuple[int, int, str, int]] = []  # (t_ms, seq, kind, event_seed)
@@ -466,11 +563,12 @@ class SyntheticCatalog:
         start_min = unix_ms_to_keepa_minute(self.start_ms)
         for _ in range(size):
             asin = self._new_asin(rng)
-            last_update = start_min - rng.randint(0, INITIAL_SPREAD_MIN)
+            creation_age, update_age = _initial_ages(rng)
+            last_update = start_min - update_age
             if rng.random() < 0.007:  # observed: a few deals have lastUpdate < creationDate
                 creation = last_update + rng.randint(1, 120)
             else:
-                creation = last_update - rng.randint(0, 4_000)
+                creation = start_min - creation_age
             self._add_version(asin, last_update, self.start_ms, creation=creation)
         if size <= _INITIAL_CACHE_MAX_SIZE:
             # Deal dicts and statics are immutable by convention, so instances can share them.
@@ -559,18 +657,27 @@ class SyntheticCatalog:
         with self._lock:
             return len(self._deals)
 
-    def ordered(self, sort_type: int, date_range: int, price_type: int, now_ms: int | None = None) -> list[dict[str, Any]]:
-        """All current deals in ``sort_type`` order (negative inverts). Not capped at 10,000."""
+    def ordered(
+        self,
+        sort_type: int,
+        date_range: int,
+        price_type: int,
+        now_ms: int | None = None,
+        deal_filter: DealFilter | None = None,
+    ) -> list[dict[str, Any]]:
+        """Current deals matching ``deal_filter`` (None = all) in ``sort_type`` order (negative inverts).
+        Not capped at 10,000."""
         with self._lock:
             if now_ms is not None:
                 self.advance_to(now_ms)
-            key = (sort_type, date_range, price_type)
+            key = (sort_type, date_range, price_type, deal_filter)
             cached = self._sort_cache.get(key)
             if cached is not None and cached[0] == self._generation:
                 return cached[1]
-            ordered = sorted(
-                self._deals.values(), key=_sort_key_fn(sort_type, date_range, price_type, self.sort1_orders_by)
-            )
+            deals: Iterable[dict[str, Any]] = self._deals.values()
+            if deal_filter is not None:
+                deals = [d for d in deals if deal_filter.matches(d)]
+            ordered = sorted(deals, key=_sort_key_fn(sort_type, date_range, price_type, self.sort1_orders_by))
             if sort_type < 0:
                 ordered.reverse()
             if len(self._sort_cache) > 32:
@@ -579,12 +686,19 @@ class SyntheticCatalog:
             return ordered
 
     def page(
-        self, page: int, *, sort_type: int = 1, date_range: int = 0, price_type: int = 0, now_ms: int | None = None
+        self,
+        page: int,
+        *,
+        sort_type: int = 1,
+        date_range: int = 0,
+        price_type: int = 0,
+        now_ms: int | None = None,
+        deal_filter: DealFilter | None = None,
     ) -> list[dict[str, Any]]:
         """The deals of one page: at most 150, only within the first 10,000 results."""
         if not 0 <= page <= MAX_PAGE:
             raise ValueError(f"page must be in 0..{MAX_PAGE}")
-        ordered = self.ordered(sort_type, date_range, price_type, now_ms)
+        ordered = self.ordered(sort_type, date_range, price_type, now_ms, deal_filter)
         visible = ordered[:MAX_RESULTS]
         return visible[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
 
@@ -594,23 +708,31 @@ class SyntheticCatalog:
                 self.advance_to(now_ms)
             return min(MAX_RESULTS, len(self._deals))
 
-    def category_summary(self, now_ms: int | None = None) -> dict[str, list[Any]]:
-        """``categoryIds`` / ``categoryNames`` / ``categoryCount`` over all matching deals' root categories."""
+    def category_summary(
+        self, now_ms: int | None = None, deal_filter: DealFilter | None = None
+    ) -> dict[str, list[Any]]:
+        """``categoryIds`` / ``categoryNames`` / ``categoryCount`` over the root categories of the deals that
+        match every filter but the category filters (KEEPA_API.md §4.4)."""
         with self._lock:
             if now_ms is not None:
                 self.advance_to(now_ms)
-            if self._cat_cache is not None and self._cat_cache[0] == self._generation:
-                return self._cat_cache[1]
+            uncategorized = deal_filter.without_categories() if deal_filter is not None else None
+            cached = self._cat_cache.get(uncategorized)
+            if cached is not None and cached[0] == self._generation:
+                return cached[1]
             counts: dict[int, int] = {}
             for d in self._deals.values():
-                counts[d["rootCat"]] = counts.get(d["rootCat"], 0) + 1
+                if uncategorized is None or uncategorized.matches(d):
+                    counts[d["rootCat"]] = counts.get(d["rootCat"], 0) + 1
             ids = [cid for cid in _ROOT_IDS if cid in counts]
             summary = {
                 "categoryIds": ids,
                 "categoryNames": [_ROOT_NAMES[c] for c in ids],
                 "categoryCount": [counts[c] for c in ids],
             }
-            self._cat_cache = (self._generation, summary)
+            if len(self._cat_cache) > 32:
+                self._cat_cache.clear()
+            self._cat_cache[uncategorized] = (self._generation, summary)
             return summary
 
     def deal(self, asin: str, now_ms: int | None = None) -> dict[str, Any] | None:
