@@ -669,7 +669,7 @@ class KeepaSimulator:
         if not self.bucket.can_serve(now):
             return _Reply(429, self._envelope(now))
         products = [self.catalog.product(a, req, now, domain_id=domain) for a in asins]
-        cost = sum(self.catalog.product_cost(a, req) for a in asins)
+        cost = sum(self.catalog.product_cost(a, req, now) for a in asins)
         self.bucket.charge(cost, now)
         self._stats.tokens_consumed += cost
         for a in asins:
