@@ -143,7 +143,7 @@ def instrument_products(sim: KeepaSimulator) -> list[tuple]:
         out = real(asin, req, now_ms, domain_id=domain_id)
         deal = catalog.deal(asin)
         log_rows.append((now_ms, asin, None if deal is None else int(deal["lastUpdate"]),
-                         catalog.product_cost(asin, req), ACTOR["who"]))
+                         catalog.product_cost(asin, req, now_ms), ACTOR["who"]))
         return out
 
     catalog.product = product

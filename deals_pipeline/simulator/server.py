@@ -38,6 +38,7 @@ from deals_pipeline.simulator.catalog import (
     ProductRequest,
     SyntheticCatalog,
 )
+from deals_pipeline.simulator.filters import DealFilter, SelectionError
 
 logger = logging.getLogger("deals_pipeline.simulator")
 
@@ -604,12 +605,19 @@ class KeepaSimulator:
         if type(pt) is not int or pt not in DEAL_PRICE_TYPES:
             raise _BadRequest("priceTypes[0] must be a supported integer price type")
 
+        try:
+            deal_filter = DealFilter.from_selection(sel, pt, date_range)
+        except SelectionError as exc:
+            raise _BadRequest(str(exc)) from None
+
         if not self.bucket.try_charge(DEAL_PAGE_COST, now):
             return _Reply(429, self._envelope(now))
-        dr = self.catalog.page(page, sort_type=sort_type, date_range=date_range, price_type=pt, now_ms=now)
+        dr = self.catalog.page(
+            page, sort_type=sort_type, date_range=date_range, price_type=pt, now_ms=now, deal_filter=deal_filter
+        )
         self._stats.tokens_consumed += DEAL_PAGE_COST
         self._stats.deal_page_fetches[page] += 1
-        payload = {"dr": dr, **self.catalog.category_summary(now), "drDateIndex": []}
+        payload = {"dr": dr, **self.catalog.category_summary(now, deal_filter), "drDateIndex": []}
         out: dict[str, Any] = {"deals": payload, "dealsCached": False}
         out.update(self._envelope(now, DEAL_PAGE_COST, processing_ms=20 + 3 * len(dr)))
         return _Reply(200, out)
@@ -661,7 +669,7 @@ class KeepaSimulator:
         if not self.bucket.can_serve(now):
             return _Reply(429, self._envelope(now))
         products = [self.catalog.product(a, req, now, domain_id=domain) for a in asins]
-        cost = sum(self.catalog.product_cost(a, req) for a in asins)
+        cost = sum(self.catalog.product_cost(a, req, now) for a in asins)
         self.bucket.charge(cost, now)
         self._stats.tokens_consumed += cost
         for a in asins:

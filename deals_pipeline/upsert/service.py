@@ -347,7 +347,7 @@ class RecentDealsUpdater:
         with self.db.connect() as con:
             if floor is not None:
                 backlog = discovered_backlog(con, since_minute=floor.last_update_minute,
-                                             exclude=[d.asin for d in candidates], limit=10 * report.batch_size)
+                                             exclude=[d.asin for d in candidates], limit=2 * report.batch_size)
                 candidates += [d for d in (b.deal() for b in backlog) if d is not None and Watermark.of(d) >= floor]
             plan = self.enricher.plan(candidates, con)
         if plan.filtered:
