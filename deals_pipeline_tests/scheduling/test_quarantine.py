@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
+
 from deals_pipeline.backfill.service import quarantined_chunks, retry_quarantined
 from deals_pipeline.scheduling import backfill_has_work
 from deals_pipeline.simulator import SimulatorConfig
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_a_permanently_failing_chunk_is_quarantined_after_n_attempts_and_the_next_page_runs(make_stack):
-    stack = make_stack(config=SimulatorConfig(refill_rate=500), max_attempts=2)
+    # 160 deals: page 0 is full, page 1 the short last page (10 deals), so "the next page" is quick.
+    stack = make_stack(config=SimulatorConfig(refill_rate=500, catalog_size=160), max_attempts=2)
     backfill = stack.backfill(max_chunk_attempts=3, chunk_backoff_s=60)
     backfill.snapshot(0)
     fp = backfill.fingerprint
