@@ -513,25 +513,23 @@ class QuarantinedChunk:
     error: str | None
 
 
+_QUARANTINED_SQL = (
+    "SELECT page, chunk_index, attempts, error, selection_fingerprint FROM page_chunks "
+    "WHERE status = 'quarantined' AND (? IS NULL OR selection_fingerprint = ?) ORDER BY page, chunk_index"
+)
+
+
 def quarantined_chunks(db: Database, fingerprint: str | None = None) -> list[QuarantinedChunk]:
     """Every quarantined chunk (of one selection, or all), in page order."""
     with db.connect() as con:
-        rows = con.execute(
-            "SELECT page, chunk_index, attempts, error FROM page_chunks WHERE status = 'quarantined' "
-            "AND (? IS NULL OR selection_fingerprint = ?) ORDER BY page, chunk_index",
-            [fingerprint, fingerprint],
-        ).fetchall()
+        rows = con.execute(_QUARANTINED_SQL, [fingerprint, fingerprint]).fetchall()
     return [QuarantinedChunk(int(r[0]), int(r[1]), int(r[2]), r[3]) for r in rows]
 
 
 def retry_quarantined(db: Database, fingerprint: str | None = None) -> list[QuarantinedChunk]:
     """Put quarantined chunks back (attempts reset) and mark their pages partial so the sensor returns to them."""
     with db.transaction() as con:
-        rows = con.execute(
-            "SELECT page, chunk_index, attempts, error, selection_fingerprint FROM page_chunks "
-            "WHERE status = 'quarantined' AND (? IS NULL OR selection_fingerprint = ?) ORDER BY page, chunk_index",
-            [fingerprint, fingerprint],
-        ).fetchall()
+        rows = con.execute(_QUARANTINED_SQL, [fingerprint, fingerprint]).fetchall()
         con.execute(
             "UPDATE page_chunks SET status = 'pending', attempts = 0, next_attempt_ms = NULL, updated_at = ? "
             "WHERE status = 'quarantined' AND (? IS NULL OR selection_fingerprint = ?)",
