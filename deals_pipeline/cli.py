@@ -14,6 +14,9 @@ from pathlib import Path
 
 from deals_pipeline.config import ENV_DB_PATH, ENV_MODE, ENV_SIMULATOR_URL
 
+#: The demo hands the simulator its strict key through this variable (never on a command line).
+SIMULATOR_KEY_ENV = "DEALS_SIMULATOR_EXPECTED_KEY"
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = Path("data/demo")
 
@@ -102,6 +105,23 @@ def _wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float = 30.0) 
     raise SystemExit(f"the simulator did not start within {timeout_s:.0f}s")
 
 
+def cmd_retry_quarantined(args: argparse.Namespace) -> int:
+    """Put every quarantined chunk back (attempts reset, its page partial again) and say which."""
+    from deals_pipeline.backfill.service import retry_quarantined
+    from deals_pipeline.storage.db import Database
+
+    path = args.db or os.environ.get(ENV_DB_PATH, "data/deals.duckdb")
+    if not Path(path).exists():
+        print(f"no database at {path}", file=sys.stderr)
+        return 1
+    chunks = retry_quarantined(Database(path))
+    for chunk in chunks:
+        print(f"page {chunk.page} chunk {chunk.chunk_index}: back in the queue (was quarantined after "
+              f"{chunk.attempts} attempts: {chunk.error})")
+    print(f"{len(chunks)} quarantined chunk(s) put back; deal_pages_sensor (or `deals-pipeline backfill`) retries them")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Simulator at 5 tokens/min, time-scaled; backfill the first pages and one upsert; System Health."""
     demo_dir = Path(args.dir)
@@ -111,11 +131,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dagster_home.mkdir(parents=True)
     shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
     ready = demo_dir / "simulator.json"
+    from deals_pipeline.resources import SIMULATOR_KEY  # the key the pipeline sends in simulator mode
+
     bin_dir = Path(sys.executable).parent
     sim = subprocess.Popen(
         [sys.executable, "-m", "deals_pipeline.simulator.cli", "--port", "0", "--refill-rate", str(args.refill_rate),
          "--time-scale", str(args.time_scale), "--catalog-size", str(args.catalog_size),
-         "--drift-new-per-hour", "6", "--drift-updates-per-hour", "6", "--ready-file", str(ready)],
+         "--expected-key-env", SIMULATOR_KEY_ENV, "--ready-file", str(ready)],
+        # Calibrated churn (the simulator CLI's default) and a strict key: any key but the demo's gets HTTP 400.
+        env={**os.environ, SIMULATOR_KEY_ENV: SIMULATOR_KEY},
     )
     started = time.monotonic()
     try:
@@ -164,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--busy-timeout", type=float, default=10.0, help="seconds to retry a busy database")
     backfill = sub.add_parser("backfill", help="backfill a page range in order through Dagster")
     backfill.add_argument("--pages", required=True, help="e.g. 0-9 or 0,1,5")
+    retry = sub.add_parser("retry-quarantined", help="put quarantined chunks back so the sensor retries them")
+    retry.add_argument("--db", help=f"database path (default: ${ENV_DB_PATH} or data/deals.duckdb)")
     demo = sub.add_parser("demo", help="the whole pipeline on the simulator, time-scaled")
     demo.add_argument("--dir", default=str(DEMO_DIR))
     demo.add_argument("--pages", type=int, default=2)
@@ -175,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_simulator(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"status": cmd_status, "backfill": cmd_backfill, "demo": cmd_demo}[args.command](args)
+    return {"status": cmd_status, "backfill": cmd_backfill, "demo": cmd_demo,
+            "retry-quarantined": cmd_retry_quarantined}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -107,5 +107,21 @@ def watermark_not_ahead(keepa: KeepaResource, database: DealsDatabaseResource) -
     return dg.AssetCheckResult(passed=bool(backed), metadata={"watermark_set": True, "watermark_minute": int(wm[0])})
 
 
-ALL_CHECKS = [no_duplicate_asins, chunk_progress_matches_deals, token_deficit_within_bounds, discovery_lag_and_backlog,
+@dg.asset_check(asset="deal_pages", description="No chunk is quarantined (failed max_chunk_attempts times).")
+def no_quarantined_chunks(keepa: KeepaResource, database: DealsDatabaseResource) -> dg.AssetCheckResult:
+    from deals_pipeline.backfill.service import quarantined_chunks
+
+    chunks = quarantined_chunks(_db(keepa, database))
+    names = ", ".join(f"page {c.page} chunk {c.chunk_index}" for c in chunks[:20])
+    return dg.AssetCheckResult(
+        passed=not chunks,
+        metadata={"quarantined_count": len(chunks), "quarantined_chunks": names or "none",
+                  "first_error": (chunks[0].error or "") if chunks else "",
+                  "fix": "`deals-pipeline retry-quarantined` puts them back"},
+        description=f"quarantined: {names}" if chunks else None,
+    )
+
+
+ALL_CHECKS = [no_quarantined_chunks, no_duplicate_asins, chunk_progress_matches_deals, token_deficit_within_bounds,
+              discovery_lag_and_backlog,
               watermark_not_ahead]

@@ -17,6 +17,7 @@ from deals_pipeline.budget import BudgetDeadline
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE
 from deals_pipeline.runtime import Runtime
 from deals_pipeline.storage import DatabaseBusy
+from deals_pipeline.scheduling import share_split
 from deals_pipeline.defs.resources import (
     DealQueryResource,
     DealsDatabaseResource,
@@ -38,6 +39,10 @@ CHUNK_RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENT
 # client (and its HTTP session), database handle and budget are built once, not once per op.
 _RUN_RUNTIMES: "OrderedDict[str, Runtime]" = OrderedDict()
 _RUN_RUNTIMES_KEPT = 4
+#: Runs of this process in which a chunk was deferred (in-process executor: one process per run).
+#: The run's remaining chunk ops end at once instead of each waiting up to max_wait_in_slot_s again,
+#: so the pool slot is free for the upserter and the sensor relaunches the page when it is affordable.
+_DEFERRED_RUNS: set[str] = set()
 
 
 def run_runtime(context: dg.OpExecutionContext, keepa, database, token_budget) -> Runtime:
@@ -105,6 +110,8 @@ def process_chunk(
     query: DealQueryResource,
 ) -> dict:
     """Commit one chunk (rows + done mark + token spend in one transaction), or say why not."""
+    if context.run_id in _DEFERRED_RUNS:  # an earlier chunk of this run was deferred: end at once
+        return {"status": "deferred", "tokens": 0, "stored": 0}
     page = int(context.partition_key)
     runtime = run_runtime(context, keepa, database, token_budget)
     backfill = runtime.page_backfill(query.backfill_settings())
@@ -115,6 +122,13 @@ def process_chunk(
         outcome = backfill.run_chunk(snapshot, work["chunk"], deadline_ms=work["deadline_ms"])
     except DatabaseBusy as busy:
         raise dg.RetryRequested(max_retries=CHUNK_RETRY.max_retries, seconds_to_wait=5) from busy
+    if outcome.status == "deferred":
+        _DEFERRED_RUNS.add(context.run_id)
+        context.log.warning(
+            f"page {page} chunk {outcome.chunk_index + 1}: deferred, not affordable within "
+            f"{query.max_wait_in_slot_s:.0f} s (next tokens in {(outcome.wait_ms or 0) / 1000:.0f} s): the run ends "
+            "with progress saved and releases the keepa_api slot; the sensor relaunches the page when affordable"
+        )
     context.log.info(
         f"page {page} chunk {outcome.chunk_index + 1}/{snapshot.chunk_count}: {outcome.status}"
         f", {outcome.tokens_spent} tokens, {outcome.deals_stored} stored, {outcome.fresh_skipped} already fresh"
@@ -190,7 +204,16 @@ def _summarize_page(context, page: int, results: list[dict], runtime: Runtime, q
         options=query.product_options(),
     )
     stored_rows = stored_deal_count(runtime.db) if summary.complete else None
-    metadata = _page_metadata(summary, results, forecast, query, runtime, stored_rows)
+    metadata = {**_page_metadata(summary, results, forecast, query, runtime, stored_rows),
+                **_share_split(runtime, query)}
+    deferred = int(metadata["chunks_deferred_this_run"])
+    metadata["deferred"] = bool(deferred)
+    if deferred:
+        context.log.warning(
+            f"page {page}: {deferred} chunk(s) deferred (not affordable within {query.max_wait_in_slot_s:.0f} s while "
+            "holding the keepa_api slot); progress is saved: the sensor relaunches the page when affordable, or "
+            "run the same `dagster asset materialize` again"
+        )
     if summary.chunks_failed:
         raise dg.Failure(
             description=f"page {page}: {summary.chunks_failed} chunk(s) failed and will be retried by the next run: "
@@ -217,6 +240,12 @@ DEALS_COLUMN_SCHEMA = dg.TableSchema(columns=[
     dg.TableColumn("viability", "VARCHAR", description="'viable' or 'filtered' by the viability rules"),
     dg.TableColumn("enriched_at", "TIMESTAMPTZ", description="When the product data was stored"),
 ])
+
+
+def _share_split(runtime: Runtime, query: DealQueryResource) -> dict:
+    with runtime.db.connect() as con:
+        return share_split(con, now_ms=runtime.clock.now_ms(), refill_rate=runtime.budget.projection().refill_rate,
+                           window_min=query.share_window_min)
 
 
 @dg.graph_asset(

@@ -22,7 +22,7 @@ UP_TO_DATE_STATUSES = ("complete", "nothing_new")
 
 def upsert_brought_data_up_to_date(report) -> bool:
     """True when the run left no known backlog: every changed deal it found was committed."""
-    return report.status in UP_TO_DATE_STATUSES and report.remaining_changed == 0
+    return report.status in UP_TO_DATE_STATUSES and report.remaining_changed == 0 and report.scan_complete
 
 
 def _upsert_metadata(report, freshness: UpsertFreshness, runtime) -> dict[str, object]:
@@ -65,6 +65,10 @@ def recent_deals(
     report = updater.run(deadline_ms=runtime.deadline_ms, run_id=context.run_id[:12], on_chunk=progress)
     freshness = upsert_freshness(runtime.db, runtime.clock, backlog=report.remaining_changed)
     metadata = _upsert_metadata(report, freshness, runtime)
+    if report.status in ("deferred", "share_deferred") or not report.scan_complete:
+        # Ends cleanly with progress saved and the pool slot released; the sensor relaunches it.
+        context.log.warning(f"upsert {report.status}: {report.error or 'the scan resumes next run'}"
+                            f" (scan next page {report.scan_next_page})")
     if report.status == "failed":
         raise dg.Failure(description=f"upsert failed after {report.chunks_done} committed chunks: {report.error}",
                          metadata=metadata)
