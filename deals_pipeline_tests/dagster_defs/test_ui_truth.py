@@ -67,7 +67,7 @@ def test_a_complete_page_is_materialized_and_reruns_stay_materialized(tmp_path, 
         first = dg.materialize([deal_pages], partition_key="2", instance=instance, resources=resources)
         meta = {k: v.value for k, v in first.asset_materializations_for_node("deal_pages")[0].metadata.items()}
         assert instance.get_materialized_partitions(PAGES) == {"2"}
-        assert meta["dagster/row_count"] == 20
+        assert meta["dagster/row_count"] == meta["deals_on_page"] > 0  # only this page was stored
         assert all(v != -1 for v in meta.values()), "no -1 placeholders in the plots"
 
 
