@@ -254,6 +254,17 @@ def _from_env(name: str, default, *, kind: str = "str"):
     return dg.EnvVar.int(name) if kind == "int" else dg.EnvVar(name)
 
 
+def _run_budget_minutes_from_env() -> float:
+    """The one setting read at load: Dagster has no float EnvVar, and the budget may be fractional."""
+    raw = os.environ.get(ENV_RUN_BUDGET_MINUTES, "").strip()
+    if not raw:
+        return 480.0
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{ENV_RUN_BUDGET_MINUTES} must be a number of minutes, got {raw!r}") from None
+
+
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     """Resources for `definitions.py`: secrets, paths and settings from the environment, as EnvVars."""
     return {
@@ -265,7 +276,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             domain=_from_env(ENV_DOMAIN, 1, kind="int"),
         ),
         "database": DealsDatabaseResource(path=_from_env(ENV_DB_PATH, DEFAULT_DB_PATH)),
-        "token_budget": TokenBudgetResource(run_budget_minutes=_from_env(ENV_RUN_BUDGET_MINUTES, 480, kind="int")),
+        "token_budget": TokenBudgetResource(run_budget_minutes=_run_budget_minutes_from_env()),
         "query": DealQueryResource(upsert_interval_s=_from_env(ENV_UPSERT_INTERVAL_S, DEFAULT_UPSERT_INTERVAL_S,
                                                                kind="int")),
     }
