@@ -89,7 +89,7 @@ def test_recent_deals_materializes_with_batch_metadata(sim, tmp_path):
         assert result.success
         meta = {k: v.value for k, v in result.asset_materializations_for_node("recent_deals")[0].metadata.items()}
         assert meta["status"] == "complete" and meta["batch_size"] >= 200  # learned 3000/min >= 20
-        assert meta["deals_new"] == meta["selected"] > 0 and meta["watermark_after"] != "none"
+        assert meta["deals_new"] > 0 and meta["watermark_after"] != "none"
 
 
 def test_deal_pages_sensor_requests_the_next_page_and_stops_after_the_short_page(sim, tmp_path):
