@@ -77,6 +77,8 @@ for k, v in {**info["env"], "KEEPA_SIMULATOR_URL": info["base_url"]}.items():
 export DEALS_PIPELINE_MODE=simulator DEALS_DB_PATH="$work/soak.duckdb"
 # 1440 timeline minutes = 144 real s at x600: a page run has time to finish its page on a busy CI box.
 export DEALS_RUN_BUDGET_MINUTES="${DEALS_SOAK_RUN_BUDGET_MINUTES:-1440}"
+# The longest wait in a pool slot is in timeline seconds: 120 s would be 0.2 real s at x600. Give 60 real s.
+export DEALS_MAX_WAIT_IN_SLOT_S="${DEALS_SOAK_MAX_WAIT_IN_SLOT_S:-$((60 * TIME_SCALE))}"
 export DEALS_BACKFILL_SENSOR_INTERVAL_S="${DEALS_SOAK_SENSOR_INTERVAL_S:-15}" DEALS_UPSERT_INTERVAL_S="${DEALS_SOAK_SENSOR_INTERVAL_S:-15}"
 unset KEEPA_API_KEY
 echo "soak: simulator $KEEPA_SIMULATOR_URL at 5 tokens/min, time x$TIME_SCALE"

@@ -254,15 +254,18 @@ def _from_env(name: str, default, *, kind: str = "str"):
     return dg.EnvVar.int(name) if kind == "int" else dg.EnvVar(name)
 
 
-def _run_budget_minutes_from_env() -> float:
-    """The one setting read at load: Dagster has no float EnvVar, and the budget may be fractional."""
-    raw = os.environ.get(ENV_RUN_BUDGET_MINUTES, "").strip()
+def _float_from_env(name: str, default: float) -> float:
+    """Float settings are read at load: Dagster has no float EnvVar, and these may be fractional."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return 480.0
+        return default
     try:
         return float(raw)
     except ValueError:
-        raise ConfigError(f"{ENV_RUN_BUDGET_MINUTES} must be a number of minutes, got {raw!r}") from None
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+ENV_MAX_WAIT_IN_SLOT_S = "DEALS_MAX_WAIT_IN_SLOT_S"  # timeline seconds; a scaled clock (the soak) needs more
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
@@ -276,7 +279,8 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             domain=_from_env(ENV_DOMAIN, 1, kind="int"),
         ),
         "database": DealsDatabaseResource(path=_from_env(ENV_DB_PATH, DEFAULT_DB_PATH)),
-        "token_budget": TokenBudgetResource(run_budget_minutes=_run_budget_minutes_from_env()),
-        "query": DealQueryResource(upsert_interval_s=_from_env(ENV_UPSERT_INTERVAL_S, DEFAULT_UPSERT_INTERVAL_S,
+        "token_budget": TokenBudgetResource(run_budget_minutes=_float_from_env(ENV_RUN_BUDGET_MINUTES, 480.0)),
+        "query": DealQueryResource(max_wait_in_slot_s=_float_from_env(ENV_MAX_WAIT_IN_SLOT_S, sched.DEFAULT_MAX_WAIT_IN_SLOT_S),
+                                   upsert_interval_s=_from_env(ENV_UPSERT_INTERVAL_S, DEFAULT_UPSERT_INTERVAL_S,
                                                                kind="int")),
     }
