@@ -218,12 +218,12 @@ def test_acquire_waits_in_bounded_steps_and_logs_once(
     s = status(clock, -100, refill_in=5_000)
     b.observe(s)
     expected = refill_wait_ms(s, 1, clock.now_ms(), 1_000)
-    with caplog.at_level(logging.INFO, logger="deals_pipeline.budget.budget"):
+    with caplog.at_level(logging.INFO, logger="deals_pipeline.budget.waits"):
         b.acquire(10, purpose="deal_page", priority=Priority.UPSERT, deadline_ms=clock.now_ms() + expected)
     assert sum(clock.slept_ms) == expected == 5_000 + 20 * 60_000 + 1_000
     assert max(clock.slept_ms) <= 60_000
     waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")]
-    assert len(waits) == 1 and waits[0].startswith("waiting 1206 s for 1 tokens")
+    assert len(waits) == 1 and waits[0].startswith("waiting for 10 tokens until ") and "20.1 min" in waits[0]
 
 
 def test_acquire_rereads_shared_state_while_waiting(make_budget: MakeBudget, clock: ManualClock, db: Database) -> None:
