@@ -3,7 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export DAGSTER_HOME := $(CURDIR)/dagster_home
+# One place for state, shared by `make demo`, `make ui`, `make status` and every `deals-pipeline` command.
+# A value set by the user (environment or `make VAR=...`) wins.
+DAGSTER_HOME ?= $(CURDIR)/dagster_home
+DEALS_DB_PATH ?= $(CURDIR)/data/deals.duckdb
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 3000
+export DAGSTER_HOME
+# Passed to the state targets only: tests choose their own databases.
+STATE := DEALS_DB_PATH="$(DEALS_DB_PATH)"
 
 .PHONY: install test demo ui status bench clean
 
@@ -19,13 +27,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
-	$(BIN)/deals-pipeline demo
+	$(STATE) $(BIN)/deals-pipeline demo
 
 ui: $(STAMP)
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(STATE) $(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
 
 status: $(STAMP)
-	$(BIN)/deals-pipeline status
+	$(STATE) $(BIN)/deals-pipeline status
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_benchmarks.py

@@ -26,7 +26,7 @@ from deals_pipeline.clock import Clock
 from deals_pipeline.keepa.errors import KeepaError, NotEnoughTokens
 from deals_pipeline.keepa.models import CAP_MINUTES, REFILL_PERIOD_MS, TokenStatus, refill_wait_ms
 from deals_pipeline.storage.db import Database
-from deals_pipeline.wait_notice import announce as announce_wait
+from deals_pipeline.progress import announce as announce_wait
 
 log = logging.getLogger(__name__)
 
@@ -690,7 +690,7 @@ class TokenBudget:
                     f" past the deadline in {(deadline_ms - now) / 1000:.0f} s",
                     wait_ms=decision.wait_ms, need=decision.level, cost=tokens, deadline_ms=deadline_ms, now_ms=now,
                 )
-            if not logged:  # one line, status record and listener call per wait (deals_pipeline.wait_notice)
+            if not logged:  # one line, status record and listener call per wait (deals_pipeline.progress)
                 announce_wait(self, decision, tokens=tokens, purpose=purpose, priority=priority, now_ms=now)
                 logged = True
             self.clock.sleep_ms(min(decision.wait_ms, self.policy.max_sleep_ms))

@@ -1,10 +1,13 @@
-"""Visible token waits: one line and one record per wait, from the budget's single sleep point.
+"""Progress a person can see: token waits and committed chunks, as events for the UI, the CLI and status.
+
+Waits come from the budget's single sleep point.
 
 The budget calls :func:`announce` once per wait it is about to start (before its first sleep). A wait
 longer than :data:`VISIBLE_WAIT_MS` of timeline time logs one line (``waiting for 42 tokens until 14:05
 UTC (refill: ...)``), is stored in the database's ``meta`` table so ``deals-pipeline status`` (another
 process) can show it, and is passed to the listeners: a Dagster op records it as metadata so the UI
-shows it on the executing step, and the CLI backfill prints it. Plain Python, no Dagster.
+shows it on the executing step, and the CLI backfill prints it. A committed chunk is published as a
+:class:`ChunkCommitted` by whoever ran it (the Dagster op). Plain Python, no Dagster.
 """
 
 from __future__ import annotations
@@ -69,13 +72,27 @@ class WaitNotice:
         return cls(**json.loads(text))
 
 
-Listener = Callable[[WaitNotice], None]
+@dataclass(frozen=True)
+class ChunkCommitted:
+    """A backfill chunk finished (its rows, done mark and spend committed together) or stopped."""
+
+    page: int
+    chunk_index: int  #: 0-based
+    chunk_count: int
+    status: str  #: done | deferred | failed | ...
+    tokens_spent: int
+    deals_stored: int
+    chunks_done: int  #: chunks of the page done after this one
+
+
+Event = WaitNotice | ChunkCommitted
+Listener = Callable[[Event], None]
 _listeners: list[Listener] = []
 _listeners_lock = threading.Lock()
 
 
 def add_listener(listener: Listener) -> Callable[[], None]:
-    """Call ``listener`` with every visible wait in this process; returns the function that removes it."""
+    """Call ``listener`` with every event published in this process; returns the function that removes it."""
     with _listeners_lock:
         _listeners.append(listener)
 
@@ -85,6 +102,14 @@ def add_listener(listener: Listener) -> Callable[[], None]:
                 _listeners.remove(listener)
 
     return remove
+
+
+def publish(event: Event) -> None:
+    """Hand ``event`` to every listener of this process (none: nothing happens)."""
+    with _listeners_lock:
+        listeners = list(_listeners)
+    for listener in listeners:
+        listener(event)
 
 
 def reason_for(decision: Any, priority_is_backfill: bool) -> str:
@@ -114,10 +139,7 @@ def announce(budget: Any, decision: Any, *, tokens: int, purpose: str, priority:
             con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [META_PREFIX + notice.owner, notice.to_json()])
     except Exception as exc:  # noqa: BLE001 - showing a wait must never stop the wait itself
         log.warning("could not record the wait for status: %s", exc)
-    with _listeners_lock:
-        listeners = list(_listeners)
-    for listener in listeners:
-        listener(notice)
+    publish(notice)
     return notice
 
 
