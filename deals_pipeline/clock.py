@@ -165,7 +165,7 @@ def clock_record(clock: Clock) -> dict[str, float] | None:
 def describe_clock(clock: Clock) -> str:
     """``real time`` or ``simulated x600 since 2026-12-01 21:50 UTC`` (what status and errors print)."""
     if isinstance(clock, ScaledClock):
-        since = datetime.fromtimestamp(clock.anchor_wall_s, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        since = datetime.fromtimestamp(clock.anchor_wall_s, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         return f"simulated x{clock.scale:g} since {since}"
     if isinstance(clock, SystemClock):
         return "real time"

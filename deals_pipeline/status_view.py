@@ -17,7 +17,8 @@ def render(health: dict[str, Any], db_path: str) -> None:
     d, b, t, u = health["deals"], health["backfill"], health["tokens"], health["upsert"]
     eta = "-" if b["eta_hours"] is None else (f">= {b['eta_hours']}" if b.get("eta_is_lower_bound") else f"{b['eta_hours']}")
     rows = [
-        ("clock", "timeline (now)", f"{health['clock']['description']} ({health['clock']['now'][:19]})"),
+        ("clock", "timeline", health["clock"]["description"]),
+        ("clock", "now on that timeline", health["clock"]["now"][:16].replace("T", " ") + " UTC"),
         ("deals", "stored / enriched / filtered", f"{d['stored']} / {d['enriched']} / {d['filtered']}"),
         ("backfill", "pages done / total", f"{b['pages_done']} / {b['pages_total_text']}"
          + (" (complete)" if b["complete"] else "")),
