@@ -68,7 +68,7 @@ def parse_pages(text: str) -> list[int]:
 
 
 def _resources() -> dict[str, Any]:
-    from deals_pipeline.resources import default_resources
+    from deals_pipeline.defs.resources import default_resources
 
     return default_resources()
 

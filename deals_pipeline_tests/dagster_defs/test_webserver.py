@@ -15,9 +15,9 @@ import requests
 
 from dagster._core.instance.ref import InstanceRef
 
-from deals_pipeline.backfill.assets import deal_pages
+from deals_pipeline.defs.deal_pages import deal_pages
 from deals_pipeline.clock import SystemClock
-from deals_pipeline.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
+from deals_pipeline.defs.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
 from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -417,7 +417,7 @@ def test_upsert_with_a_broken_product_response_changes_nothing(seeded_db, tmp_pa
 
 
 def test_negative_refill_rate_is_rejected_with_the_field_name() -> None:
-    from deals_pipeline.resources import TokenBudgetResource
+    from deals_pipeline.defs.resources import TokenBudgetResource
 
     for bad in (-1, 0):
         with pytest.raises(ConfigError, match=r"refill_rate_guess must be > 0 tokens/min, got " + str(bad)):
@@ -454,7 +454,7 @@ def test_database_under_a_regular_file_is_rejected(tmp_path: Path) -> None:
 
 
 def test_no_key_and_no_simulator_mode_names_both_ways_out() -> None:
-    from deals_pipeline.resources import KeepaResource
+    from deals_pipeline.defs.resources import KeepaResource
 
     for resource in (KeepaResource(), KeepaResource(mode="keepa"), KeepaResource(api_key="")):
         with pytest.raises(ConfigError) as err:
@@ -478,7 +478,7 @@ def test_no_key_and_no_simulator_mode_names_both_ways_out() -> None:
     ('{"currentRange": [300, 100]}', InvalidRequest, "min 300 is above max 100"),
 ])
 def test_bad_selection_json_fails_at_load(text: str, error: type, message: str) -> None:
-    from deals_pipeline.resources import DealQueryResource
+    from deals_pipeline.defs.resources import DealQueryResource
 
     query_resource = DealQueryResource(selection_json=text)
     with pytest.raises(error, match=message):
@@ -490,7 +490,7 @@ def test_bad_selection_json_fails_at_load(text: str, error: type, message: str) 
 def test_bad_selection_fails_a_dagster_run_before_any_keepa_call(tmp_path: Path, rec_stack) -> None:
     from dagster import DagsterInstance
 
-    from deals_pipeline.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
+    from deals_pipeline.defs.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
     from deals_pipeline_tests.reliability._support import backfill_job
 
     stack = rec_stack(config=SimulatorConfig(refill_rate=500, catalog_size=200))

@@ -4,7 +4,7 @@
 import dagster as dg
 
 from deals_pipeline.clock import clock_from_env
-from deals_pipeline.resources import DealsDatabaseResource, KeepaResource, TokenBudgetResource
+from deals_pipeline.defs.resources import DealsDatabaseResource, KeepaResource, TokenBudgetResource
 from deals_pipeline.status import newest_deal_age_minutes
 
 NEWEST_DEAL_MAX_AGE_MINUTES = 24 * 60
