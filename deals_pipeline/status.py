@@ -12,6 +12,7 @@ from deals_pipeline.keepa.models import DEAL_PAGE_SIZE
 from deals_pipeline.keepa.query import ProductOptions
 from deals_pipeline.storage import Database
 from deals_pipeline.progress import current_waits
+from deals_pipeline.upsert.service import Watermark
 
 
 def newest_deal_age_minutes(db: Database, clock: Clock) -> float | None:
@@ -23,9 +24,32 @@ def newest_deal_age_minutes(db: Database, clock: Clock) -> float | None:
     return float(max(0, unix_ms_to_keepa_minute(clock.now_ms()) - int(newest)))
 
 
+def watermark_check(db: Database, clock: Clock) -> dict[str, Any]:
+    """Is the upsert watermark behind both the newest stored deal and the pipeline's clock? (plain data)
+
+    ``passed`` is False when the watermark is ahead of the stored data, or ahead of ``clock`` (which must be
+    the database's own clock, :func:`~deals_pipeline.clock.clock_for_database`): a watermark from a faster
+    clock would make every later upsert see "nothing new".
+    """
+    with db.connect() as con:
+        wm = con.execute("SELECT last_update_minute, asin FROM watermarks WHERE name = 'recent_deals'").fetchone()
+        newest = con.execute("SELECT max(last_update_minute) FROM deals").fetchone()[0]
+    now_minute = unix_ms_to_keepa_minute(clock.now_ms())
+    if wm is None:
+        return {"passed": True, "note": "no watermark yet", "now_minute": now_minute}
+    return {
+        "passed": newest is not None and wm[0] <= newest and wm[0] <= now_minute,
+        "watermark": format_watermark(wm[0], wm[1]),
+        "watermark_minute": int(wm[0]),
+        "newest_stored_minute": int(newest) if newest is not None else -1,
+        "now_minute": now_minute,
+        "ahead_of_clock_minutes": max(0, int(wm[0]) - now_minute),
+    }
+
+
 def format_watermark(last_update_minute: int, asin: str) -> str:
     """``2026-12-01 20:16 UTC, ASIN B0VJ7YRFDL`` for a (Keepa minute, ASIN) watermark."""
-    return f"{keepa_minute_to_datetime(int(last_update_minute)).strftime('%Y-%m-%d %H:%M UTC')}, ASIN {asin}"
+    return str(Watermark(int(last_update_minute), asin))
 
 
 def collect_health(

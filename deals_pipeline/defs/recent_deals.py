@@ -13,6 +13,7 @@ from deals_pipeline.defs.resources import (
     TokenBudgetResource,
     build_runtime,
 )
+from deals_pipeline.defs.waits import waits_shown_on
 from deals_pipeline.status import newest_deal_age_minutes
 
 
@@ -32,7 +33,8 @@ def recent_deals(
     token_budget: TokenBudgetResource,
     query: DealQueryResource,
 ) -> dg.MaterializeResult:
-    runtime = build_runtime(keepa, database, token_budget, owner=f"upsert:{context.run_id[:8]}")
+    owner = f"upsert:{context.run_id[:8]}"
+    runtime = build_runtime(keepa, database, token_budget, owner=owner)
     updater = runtime.recent_deals(query.upsert_settings())
 
     def progress(report) -> None:
@@ -41,7 +43,8 @@ def recent_deals(
             f"{report.tokens_spent} tokens, watermark {report.watermark_after}"
         )
 
-    report = updater.run(deadline_ms=runtime.deadline_ms, run_id=context.run_id[:12], on_chunk=progress)
+    with waits_shown_on(context, owner, "recent_deals"):
+        report = updater.run(deadline_ms=runtime.deadline_ms, run_id=context.run_id[:12], on_chunk=progress)
     age = newest_deal_age_minutes(runtime.db, runtime.clock)
     metadata = {**report.as_metadata(), "newest_deal_age_minutes": age if age is not None else -1.0,
                 "source": runtime.source, "pipeline_version": __version__}

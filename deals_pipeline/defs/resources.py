@@ -17,7 +17,8 @@ from pydantic import Field
 
 from deals_pipeline.backfill.service import BackfillSettings
 from deals_pipeline.budget import BudgetPolicy, TokenBudget
-from deals_pipeline.clock import Clock, clock_from_env
+from deals_pipeline.clock import Clock, clock_for_database, clock_from_env
+from deals_pipeline.state_paths import require_database
 from deals_pipeline.config import (
     DEFAULT_DB_PATH,
     DEFAULT_SELECTION,
@@ -198,9 +199,11 @@ def build_runtime(
     clock: Clock | None = None,
 ) -> Runtime:
     """The services of one run from the Dagster resources (a key-less run fails here, before any spend)."""
-    clock = clock or clock_from_env()
+    mode = keepa.data_mode()
+    require_database(database.path, mode)  # real-API mode never starts afresh on a mistyped path
+    db = database.database(data_mode=mode)
+    clock = clock_for_database(db, clock or clock_from_env())  # a scaled-clock DB is read on its own clock
     client, source = keepa.build_client(clock)
-    db = database.database(data_mode=source)
     budget = token_budget.budget(db, clock, owner, client)
     return Runtime(db=db, client=client, budget=budget, clock=clock, source=source,
                    deadline_ms=token_budget.deadline_ms(clock))
