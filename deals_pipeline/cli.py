@@ -145,8 +145,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _quiet_run_config() -> dict[str, Any]:
-    """Dagster's console logger at WARNING: the CLI prints its own one line per chunk and per wait."""
-    return {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    """Dagster's console logger silenced: the CLI prints one line per chunk, per wait and per failure itself
+    (the full step logs are in the run's event log, shown by `make ui`)."""
+    return {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+def _failure(result: Any) -> tuple[bool, str]:
+    """(interrupted by Ctrl-C?, first line of the first step error) of a failed in-process run."""
+    for event in result.all_events:
+        if event.is_step_failure:
+            chain = [event.event_specific_data.error]
+            while chain[-1].cause is not None:
+                chain.append(chain[-1].cause)
+            if {e.cls_name for e in chain} & {"DagsterExecutionInterruptedError", "KeyboardInterrupt"}:
+                return True, "interrupted"
+            root = chain[-1]  # the pipeline's own error, not Dagster's "error occurred while executing" wrapper
+            text = root.message.strip().splitlines()[0] if root.message else root.cls_name
+            return False, f"{event.step_key}: {text}"
+    return False, "the run failed (see its event log in `make ui`)"
 
 
 def _page_progress(db_path: Path, page: int) -> tuple[int, int]:
@@ -158,6 +174,26 @@ def _page_progress(db_path: Path, page: int) -> tuple[int, int]:
             "SELECT count(*) FILTER (status = 'done'), count(*) FROM page_chunks WHERE page = ?", [page]
         ).fetchone()
     return int(done), int(total)
+
+
+_BACKFILL_WORKER_ENV = "DEALS_PIPELINE_CLI_WORKER"
+
+
+def _backfill_in_own_session(args: argparse.Namespace) -> int:
+    """Run the backfill in a child process of its own session and hand it Ctrl-C as one SIGINT.
+
+    A terminal's Ctrl-C signals the whole foreground process group, which includes the helper processes
+    Dagster starts to mirror step output (each would print its own KeyboardInterrupt traceback). The child
+    is out of that group; this process forwards the interrupt to it alone and returns its exit code.
+    """
+    argv = [sys.executable, "-m", "deals_pipeline.cli", "backfill", "--pages", args.pages]
+    argv += ["--create"] if args.create else []
+    child = subprocess.Popen(argv, env={**os.environ, _BACKFILL_WORKER_ENV: "1"}, start_new_session=True)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGINT)
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -176,6 +212,14 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         create_database(db_path, mode)
     else:
         require_database(db_path, mode)
+    if db_path.exists():  # the data mode and clock are checked here, as one line, not inside a failed run
+        from deals_pipeline.clock import clock_for_database, clock_from_env
+        from deals_pipeline.storage.db import Database
+
+        clock_for_database(Database(db_path, data_mode=mode), clock_from_env())
+
+    if os.environ.get(_BACKFILL_WORKER_ENV) != "1":
+        return _backfill_in_own_session(args)
 
     from dagster import DagsterInstance
 
@@ -206,8 +250,14 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             metadata = {k: v.value for k, v in materializations[-1].metadata.items()} if materializations else {}
             done, total = _page_progress(db_path, page)
             if not result.success:
-                console.print(f"[red]page {page}: run failed[/red] with {done}/{total} chunks committed "
-                              f"(run {result.run_id[:8]}; the next run retries the unfinished chunks)")
+                interrupted, reason = _failure(result)
+                if interrupted:
+                    # Shown as Canceled in the UI, not as a red failure: nothing went wrong, progress is kept.
+                    instance.report_run_canceled(instance.get_run_by_id(result.run_id),
+                                                 message=f"interrupted (Ctrl-C) with {done}/{total} chunks committed")
+                    raise KeyboardInterrupt
+                console.print(f"[red]page {page}: run {result.run_id[:8]} failed[/red] with {done}/{total} chunks "
+                              f"committed ({reason}); the next run retries the unfinished chunks")
                 return 1
             if not metadata.get("complete"):
                 console.print(f"page {page}: stopped with {done}/{total} chunks committed (token budget for this "
