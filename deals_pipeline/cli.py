@@ -212,11 +212,13 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         create_database(db_path, mode)
     else:
         require_database(db_path, mode)
-    if db_path.exists():  # the data mode and clock are checked here, as one line, not inside a failed run
-        from deals_pipeline.clock import clock_for_database, clock_from_env
-        from deals_pipeline.storage.db import Database
+    # The clock, data mode and database are checked here, as one line, not inside a failed run.
+    from deals_pipeline.clock import clock_for_database, clock_from_env
+    from deals_pipeline.storage.db import Database
 
-        clock_for_database(Database(db_path, data_mode=mode), clock_from_env())
+    clock = clock_from_env()
+    if db_path.exists():
+        clock_for_database(Database(db_path, data_mode=mode), clock)
 
     if os.environ.get(_BACKFILL_WORKER_ENV) != "1":
         return _backfill_in_own_session(args)
