@@ -13,7 +13,7 @@ export DAGSTER_HOME
 # Passed to the state targets only: tests choose their own databases.
 STATE := DEALS_DB_PATH="$(DEALS_DB_PATH)"
 
-.PHONY: install test demo ui status bench clean
+.PHONY: install test test-fast demo ui status bench bench-quick clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ $(STAMP): setup.py pyproject.toml
 
 install: $(STAMP)
 
+# Everything: unit, integration, Dagster, subprocess and kill tests.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The unit layer (no whole stack, no Dagster, no subprocess: see deals_pipeline_tests/conftest.py), < 60 s.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 demo: $(STAMP)
 	$(STATE) $(BIN)/deals-pipeline demo
@@ -37,6 +42,10 @@ status: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_benchmarks.py
+
+# Same code paths on small windows; fails when a benchmark breaks (CI runs it).
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run_benchmarks.py --quick
 
 clean:
 	rm -rf $(VENV) data *.egg-info

@@ -113,7 +113,7 @@ def publish(event: Event) -> None:
 
 
 def reason_for(decision: Any, priority_is_backfill: bool) -> str:
-    """Why a :class:`~deals_pipeline.budget.budget.Decision` waits (see :class:`WaitNotice`)."""
+    """Why a :class:`~deals_pipeline.budget.state.Decision` waits (see :class:`WaitNotice`)."""
     proj, th = decision.projection, decision.thresholds
     if priority_is_backfill and proj.recharging and th.recharge_enabled:
         return "recharge"
@@ -134,9 +134,11 @@ def announce(budget: Any, decision: Any, *, tokens: int, purpose: str, priority:
         until_ms=int(now_ms + decision.wait_ms),
     )
     log.info("%s [%s]", notice.line(), notice.owner)
+    db = getattr(budget.store, "db", None)  # a DuckDB-backed budget: status (another process) reads it there
     try:
-        with budget.db.connect() as con:
-            con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [META_PREFIX + notice.owner, notice.to_json()])
+        if db is not None:
+            with db.connect() as con:
+                con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [META_PREFIX + notice.owner, notice.to_json()])
     except Exception as exc:  # noqa: BLE001 - showing a wait must never stop the wait itself
         log.warning("could not record the wait for status: %s", exc)
     publish(notice)

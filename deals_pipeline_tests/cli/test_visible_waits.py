@@ -46,7 +46,7 @@ def test_a_long_wait_is_one_line_one_event_and_a_status_record(tmp_path, caplog)
     assert lines == [f"{notice.line()} [backfill:t1]"]
     assert notice.metadata()["waiting"] == notice.line() and notice.metadata()["waiting_for_tokens"] == 42
     # Another process (status) sees the wait while it lasts, and not after.
-    with budget.db.connect() as con:
+    with budget.store.db.connect() as con:
         assert current_waits(con, notice.since_ms) == [notice]
         assert current_waits(con, notice.until_ms) == []
 
@@ -59,7 +59,7 @@ def test_status_shows_a_wait_in_progress(tmp_path):
 
     notice = announce(budget, decision, tokens=42, purpose="products", priority=Priority.UPSERT, now_ms=clock.now_ms())
     assert notice is not None and notice.reason == "refill"
-    health = collect_health(budget.db, budget, clock)
+    health = collect_health(budget.store.db, budget, clock)
     assert [w["line"] for w in health["waits"]] == [notice.line()]
 
 
