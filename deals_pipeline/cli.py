@@ -358,7 +358,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   "--partition", str(p)] for p in range(args.pages)]
         steps.append([dagster, "asset", "materialize", "-m", "deals_pipeline.definitions", "--select", "recent_deals"])
         for step in steps:
-            print(f"$ {ENV_MODE}=simulator {shlex.join(step)}", flush=True)
+            print(f"$ DAGSTER_HOME={shlex.quote(str(home))} {ENV_MODE}=simulator {shlex.join(step)}", flush=True)
             t0 = time.monotonic()
             done = subprocess.run(step, env=env, capture_output=True, text=True)
             print(f"  -> {'ok' if done.returncode == 0 else 'FAILED'} in {time.monotonic() - t0:.1f}s", flush=True)
