@@ -154,11 +154,15 @@ def test_cli_backfill_runs_a_range_in_order_and_stops_at_the_short_page(sim, tmp
     (home / "dagster.yaml").write_text((root / "dagster_home" / "dagster.yaml").read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEALS_PIPELINE_TIME")}
     env.update(DAGSTER_HOME=str(home), DEALS_PIPELINE_MODE="simulator", KEEPA_SIMULATOR_URL=sim.base_url,
-               DEALS_DB_PATH=str(tmp_path / "cli.duckdb"))
+               DEALS_DB_PATH=str(tmp_path / "cli.duckdb"), COLUMNS="200")
     done = subprocess.run([str(Path(sys.executable).parent / "deals-pipeline"), "backfill", "--pages", "1-5"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line for line in done.stdout.splitlines() if line.startswith("page")]
-    assert lines[0].startswith("page 1: ok complete=True chunks=38/38")
-    assert lines[1].startswith("page 2: ok complete=True chunks=5/5")
+    out = done.stdout.splitlines()
+    lines = [line for line in out if ": complete" in line or "last page" in line]
+    assert lines[0].startswith("page 1: complete, 38/38 chunks, ")
+    assert lines[1].startswith("page 2: complete, 5/5 chunks, ")
     assert lines[-1] == "page 2 is the query's last page: backfill complete"
+    # One progress line per committed chunk, in order.
+    assert [line.split(":")[0] for line in out if " chunk " in line] == (
+        [f"page 1 chunk {i}/38" for i in range(1, 39)] + [f"page 2 chunk {i}/5" for i in range(1, 6)])
