@@ -7,7 +7,13 @@ repo="$(cd "${1:-$(dirname "$0")/..}" && pwd)"
 work="$(mktemp -d)"
 ui_pid=""
 cleanup() {
-  if [ -n "$ui_pid" ]; then kill -TERM -- "-$ui_pid" 2>/dev/null || true; wait "$ui_pid" 2>/dev/null || true; fi
+  # `make ui` leads its own process group (setsid): stop the whole group (dagster dev, webserver, daemon, code
+  # servers), and kill what is still there after 30 s (dagster dev does not always exit on a signal).
+  if [ -n "$ui_pid" ]; then
+    kill -TERM -- "-$ui_pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 -- "-$ui_pid" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$ui_pid" 2>/dev/null || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
