@@ -23,13 +23,17 @@ $(STAMP): setup.py pyproject.toml
 
 install: $(STAMP)
 
+# pytest-xdist workers; tests wait for events, not time windows, so they hold up in parallel.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+
 # Everything: unit, integration, Dagster, subprocess and kill tests.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(PYTEST)
 
 # The unit layer (no whole stack, no Dagster, no subprocess: see deals_pipeline_tests/conftest.py), < 60 s.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+	$(PYTEST) -m "not slow"
 
 demo: $(STAMP)
 	$(STATE) $(BIN)/deals-pipeline demo
