@@ -6,6 +6,8 @@ import pytest
 
 from deals_pipeline_tests.cli._cli import clean_env, run_cli
 
+pytestmark = pytest.mark.slow  # subprocesses of the console script
+
 CASES = [
     # (args, extra env, words the one line must contain)
     (["backfill", "--pages", "a-b"], {}, ["'a-b' is not a page", "0-66"]),

@@ -15,6 +15,8 @@ import pytest
 from deals_pipeline.storage import Database
 from deals_pipeline_tests.cli._cli import CLI, clean_env
 
+pytestmark = pytest.mark.slow  # a real CLI backfill in a subprocess
+
 CHUNK_LINE = re.compile(r"^page 0 chunk (\d+)/(\d+): done, .* \((\d+)/\d+ done\)$")
 
 
@@ -48,7 +50,6 @@ def _done_chunks(db_path) -> int:
         return con.execute("SELECT count(*) FROM page_chunks WHERE page = 0 AND status = 'done'").fetchone()[0]
 
 
-@pytest.mark.slow
 def test_ctrl_c_ends_cleanly_keeps_progress_and_the_rerun_resumes(tmp_path):
     env = clean_env(tmp_path, DEALS_PIPELINE_MODE="simulator", DEALS_PIPELINE_TIME_SCALE="60",
                     DEALS_PIPELINE_TIME_ANCHOR=repr(time.time()), COLUMNS="200")

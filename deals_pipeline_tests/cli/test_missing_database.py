@@ -13,6 +13,8 @@ from deals_pipeline.defs.resources import (
 from deals_pipeline.state_paths import MissingDatabase
 from deals_pipeline_tests.cli._cli import clean_env, run_cli
 
+pytestmark = pytest.mark.slow  # subprocesses of the console script and Dagster resources
+
 
 def test_cli_backfill_refuses_a_missing_database_in_keepa_mode(tmp_path, sentinel_key):
     typo = tmp_path / "nonexistent" / "dir" / "x.duckdb"

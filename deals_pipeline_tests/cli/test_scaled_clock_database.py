@@ -21,6 +21,8 @@ from deals_pipeline.status import watermark_check
 from deals_pipeline.storage import Database
 from deals_pipeline_tests.cli._cli import clean_env, run_cli
 
+pytestmark = pytest.mark.slow  # a simulator run and subprocesses of the console script
+
 SCALE = 60.0
 
 
