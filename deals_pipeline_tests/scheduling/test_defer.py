@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from deals_pipeline.simulator import SimulatorConfig
 
 BOUND_S = 120
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_no_chunk_or_upsert_op_waits_longer_than_the_bound_and_progress_is_kept(make_stack):
     # 5 tokens/min from an empty bucket: a chunk (~28-52 tokens) needs 6-10 minutes of refill.
     stack = make_stack(config=SimulatorConfig(refill_rate=5, initial_tokens=0))
