@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import duckdb
 import pandas as pd
 
-from deals_pipeline.budget import BudgetDeadline, Priority, Reservation, TokenBudget
+from deals_pipeline.budget import BudgetDeadline, CostEstimate, Priority, Reservation, Thresholds, TokenBudget
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import ConfigError
 from deals_pipeline.keepa.models import Deal, Product, ProductPage, TokenStatus
@@ -359,8 +359,11 @@ class ChunkEnricher:
         plan.to_fetch.extend(survivors)
         return survivors
 
-    def predicted_cost(self, asin_count: int, options: ProductOptions | None = None) -> int:
-        return self.budget.costs.products(asin_count, options or self.options)
+    def predicted_cost(self, asin_count: int, options: ProductOptions | None = None, *,
+                       cap: int | None = None) -> CostEstimate:
+        """Predicted /product cost of ``asin_count`` ASINs with ``options`` (stage 2 by default), clamped
+        to ``cap`` (or to the live cap if None)."""
+        return self.budget.costs.products(asin_count, options or self.options, cap=cap)
 
     def expected_cost_per_deal(self) -> float:
         """Expected tokens to enrich one candidate deal: stage 1 plus stage 2 times the measured stage-1
@@ -378,17 +381,18 @@ class ChunkEnricher:
             ).fetchone()
         return 1.0 if not row[0] else row[1] / row[0]
 
-    def requests_for(self, asins: Sequence[str], options: ProductOptions | None = None) -> list[list[str]]:
+    def requests_for(self, asins: Sequence[str], limits: Thresholds, options: ProductOptions | None = None) -> list[list[str]]:
         """Split ``asins`` so every request stays affordable within the bucket (HAZARDS #9/#44/#48).
 
-        A chunk of 4 always fits; a configured chunk too big for the learned refill rate (say 100 ASINs
-        with offers at 5/min) is split instead of driving the balance hundreds of tokens negative.
+        ``limits``: the policy at the live refill rate (``budget.thresholds()``). A chunk of 4 always
+        fits; a configured chunk too big for the learned refill rate (say 100 ASINs with offers at
+        5/min) is split instead of driving the balance hundreds of tokens negative.
         """
         options = options or self.options
         per_request = len(asins)
-        cap = self.budget.last_cap
-        if cap is None or int(self.predicted_cost(len(asins), options)) * 2 > cap:
-            per_request = self.budget.max_asins_affordable(options, self.priority, max_asins=len(asins))
+        if int(self.predicted_cost(len(asins), options, cap=limits.cap)) * 2 > limits.cap:
+            per_request = self.budget.max_asins_affordable(options, self.priority, max_asins=len(asins),
+                                                           thresholds=limits)
         return [list(asins[i : i + per_request]) for i in range(0, len(asins), max(1, per_request))]
 
     def fetch(self, asins: Sequence[str], *, deadline_ms: int | None, detail: str,
@@ -396,10 +400,13 @@ class ChunkEnricher:
         """Pay for /product (stage 2 unless ``options`` says otherwise). Raises BudgetDeadline or a KeepaError."""
         options = options or self.options
         fetched = FetchedProducts()
-        for batch in self.requests_for(asins, options) if asins else []:
+        if not asins:
+            return fetched
+        limits = self.budget.thresholds()
+        for batch in self.requests_for(asins, limits, options):
             page, reservation = self.budget.call(
                 lambda batch=batch: self.client.products(batch, options),
-                cost=self.predicted_cost(len(batch), options),
+                cost=self.predicted_cost(len(batch), options, cap=limits.cap),
                 purpose="product",
                 priority=self.priority,
                 deadline_ms=deadline_ms,
