@@ -130,6 +130,11 @@ class StatsRules:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+#: The operators' default stats rule (the Dagster resource's default; the library default is no rule):
+#: skip deals whose used offers were out of stock more than half of the last 90 days (a thin market
+#: that rarely sells). Measured effect: benchmarks/economics.py.
+DEFAULT_STATS_RULES = StatsRules(max_out_of_stock_pct90=50)
+
 #: Defaults of the re-enrichment policy (documented in README "Configuration").
 DEFAULT_REENRICH_AFTER_HOURS = 72.0
 DEFAULT_REENRICH_PRICE_CHANGE_PCT = 10.0
@@ -373,13 +378,7 @@ class ChunkEnricher:
         return self.budget.costs.two_stage_per_candidate(self.stage1_options, self.options, self.stage1_pass_rate())
 
     def stage1_pass_rate(self) -> float:
-        """Share of stage-1 verdicts that passed (last 500 judged deals; 1.0 before any: the pessimistic prior)."""
-        with self.db.connect() as con:
-            row = con.execute(
-                "SELECT count(*), count(*) FILTER (stage1_passed) FROM (SELECT stage1_passed FROM deals "
-                "WHERE stage1_at_ms IS NOT NULL ORDER BY stage1_at_ms DESC LIMIT 500)"
-            ).fetchone()
-        return 1.0 if not row[0] else row[1] / row[0]
+        return stage1_pass_rate(self.db)
 
     def requests_for(self, asins: Sequence[str], limits: Thresholds, options: ProductOptions | None = None) -> list[list[str]]:
         """Split ``asins`` so every request stays affordable within the bucket (HAZARDS #9/#44/#48).
@@ -438,6 +437,23 @@ class ChunkEnricher:
         for page, reservation in zip(fetched.pages, fetched.reservations):
             self.budget.settle(reservation, page.status.tokens_consumed, page.status, con=con)
         return new, updated
+
+
+def stage1_pass_rate(db: Database) -> float:
+    """Share of stage-1 verdicts that passed (last 500 judged deals; 1.0 before any: the pessimistic prior)."""
+    with db.connect() as con:
+        row = con.execute(
+            "SELECT count(*), count(*) FILTER (stage1_passed) FROM (SELECT stage1_passed FROM deals "
+            "WHERE stage1_at_ms IS NOT NULL ORDER BY stage1_at_ms DESC LIMIT 500)"
+        ).fetchone()
+    return 1.0 if not row[0] else row[1] / row[0]
+
+
+def two_stage_forecast(db: Database, policy: EnrichmentPolicy, options: ProductOptions) -> dict[str, Any]:
+    """Keyword arguments that make ``TokenBudget.forecast`` price two-stage enrichment (empty for single stage)."""
+    if not policy.stats_rules.active:
+        return {}
+    return {"stage1_options": policy.stage1_options(options), "stage1_pass_rate": stage1_pass_rate(db)}
 
 
 __all__ = ["BudgetDeadline", "ChunkEnricher", "ChunkPlan", "EnrichmentPolicy", "FetchedProducts", "StatsRules",
