@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import duckdb
 import pandas as pd
 
-from deals_pipeline.budget import BudgetDeadline, Priority, Reservation, TokenBudget
+from deals_pipeline.budget import BudgetDeadline, CostEstimate, Priority, Reservation, Thresholds, TokenBudget
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import ConfigError
 from deals_pipeline.keepa.models import Deal, Product, ProductPage, TokenStatus
@@ -129,6 +129,11 @@ class StatsRules:
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
+
+#: The operators' default stats rule (the Dagster resource's default; the library default is no rule):
+#: skip deals whose used offers were out of stock more than half of the last 90 days (a thin market
+#: that rarely sells). Measured effect: benchmarks/economics.py.
+DEFAULT_STATS_RULES = StatsRules(max_out_of_stock_pct90=50)
 
 #: Defaults of the re-enrichment policy (documented in README "Configuration").
 DEFAULT_REENRICH_AFTER_HOURS = 72.0
@@ -301,6 +306,9 @@ class ChunkEnricher:
                 if self.policy.stage1_holds(known, now_ms):
                     plan.fresh.append(deal.asin)
                     continue
+            elif known is not None and known.state == "filtered" and known.last_update_minute >= deal.last_update:
+                plan.fresh.append(deal.asin)  # a deal-page verdict on this version stands (judged again when it changes)
+                continue
             verdict = self.rules.judge(deal, self.price_type)
             if not verdict.viable:
                 plan.viability[deal.asin] = verdict
@@ -359,8 +367,11 @@ class ChunkEnricher:
         plan.to_fetch.extend(survivors)
         return survivors
 
-    def predicted_cost(self, asin_count: int, options: ProductOptions | None = None) -> int:
-        return self.budget.costs.products(asin_count, options or self.options)
+    def predicted_cost(self, asin_count: int, options: ProductOptions | None = None, *,
+                       cap: int | None = None) -> CostEstimate:
+        """Predicted /product cost of ``asin_count`` ASINs with ``options`` (stage 2 by default), clamped
+        to ``cap`` (or to the live cap if None)."""
+        return self.budget.costs.products(asin_count, options or self.options, cap=cap)
 
     def expected_cost_per_deal(self) -> float:
         """Expected tokens to enrich one candidate deal: stage 1 plus stage 2 times the measured stage-1
@@ -370,25 +381,20 @@ class ChunkEnricher:
         return self.budget.costs.two_stage_per_candidate(self.stage1_options, self.options, self.stage1_pass_rate())
 
     def stage1_pass_rate(self) -> float:
-        """Share of stage-1 verdicts that passed (last 500 judged deals; 1.0 before any: the pessimistic prior)."""
-        with self.db.connect() as con:
-            row = con.execute(
-                "SELECT count(*), count(*) FILTER (stage1_passed) FROM (SELECT stage1_passed FROM deals "
-                "WHERE stage1_at_ms IS NOT NULL ORDER BY stage1_at_ms DESC LIMIT 500)"
-            ).fetchone()
-        return 1.0 if not row[0] else row[1] / row[0]
+        return stage1_pass_rate(self.db)
 
-    def requests_for(self, asins: Sequence[str], options: ProductOptions | None = None) -> list[list[str]]:
+    def requests_for(self, asins: Sequence[str], limits: Thresholds, options: ProductOptions | None = None) -> list[list[str]]:
         """Split ``asins`` so every request stays affordable within the bucket (HAZARDS #9/#44/#48).
 
-        A chunk of 4 always fits; a configured chunk too big for the learned refill rate (say 100 ASINs
-        with offers at 5/min) is split instead of driving the balance hundreds of tokens negative.
+        ``limits``: the policy at the live refill rate (``budget.thresholds()``). A chunk of 4 always
+        fits; a configured chunk too big for the learned refill rate (say 100 ASINs with offers at
+        5/min) is split instead of driving the balance hundreds of tokens negative.
         """
         options = options or self.options
         per_request = len(asins)
-        cap = self.budget.last_cap
-        if cap is None or int(self.predicted_cost(len(asins), options)) * 2 > cap:
-            per_request = self.budget.max_asins_affordable(options, self.priority, max_asins=len(asins))
+        if int(self.predicted_cost(len(asins), options, cap=limits.cap)) * 2 > limits.cap:
+            per_request = self.budget.max_asins_affordable(options, self.priority, max_asins=len(asins),
+                                                           thresholds=limits)
         return [list(asins[i : i + per_request]) for i in range(0, len(asins), max(1, per_request))]
 
     def fetch(self, asins: Sequence[str], *, deadline_ms: int | None, detail: str,
@@ -396,10 +402,13 @@ class ChunkEnricher:
         """Pay for /product (stage 2 unless ``options`` says otherwise). Raises BudgetDeadline or a KeepaError."""
         options = options or self.options
         fetched = FetchedProducts()
-        for batch in self.requests_for(asins, options) if asins else []:
+        if not asins:
+            return fetched
+        limits = self.budget.thresholds()
+        for batch in self.requests_for(asins, limits, options):
             page, reservation = self.budget.call(
                 lambda batch=batch: self.client.products(batch, options),
-                cost=self.predicted_cost(len(batch), options),
+                cost=self.predicted_cost(len(batch), options, cap=limits.cap),
                 purpose="product",
                 priority=self.priority,
                 deadline_ms=deadline_ms,
@@ -431,6 +440,23 @@ class ChunkEnricher:
         for page, reservation in zip(fetched.pages, fetched.reservations):
             self.budget.settle(reservation, page.status.tokens_consumed, page.status, con=con)
         return new, updated
+
+
+def stage1_pass_rate(db: Database) -> float:
+    """Share of stage-1 verdicts that passed (last 500 judged deals; 1.0 before any: the pessimistic prior)."""
+    with db.connect() as con:
+        row = con.execute(
+            "SELECT count(*), count(*) FILTER (stage1_passed) FROM (SELECT stage1_passed FROM deals "
+            "WHERE stage1_at_ms IS NOT NULL ORDER BY stage1_at_ms DESC LIMIT 500)"
+        ).fetchone()
+    return 1.0 if not row[0] else row[1] / row[0]
+
+
+def two_stage_forecast(db: Database, policy: EnrichmentPolicy, options: ProductOptions) -> dict[str, Any]:
+    """Keyword arguments that make ``TokenBudget.forecast`` price two-stage enrichment (empty for single stage)."""
+    if not policy.stats_rules.active:
+        return {}
+    return {"stage1_options": policy.stage1_options(options), "stage1_pass_rate": stage1_pass_rate(db)}
 
 
 __all__ = ["BudgetDeadline", "ChunkEnricher", "ChunkPlan", "EnrichmentPolicy", "FetchedProducts", "StatsRules",

@@ -20,6 +20,8 @@ from deals_pipeline.defs.sensors import deal_pages_sensor, recent_deals_sensor
 from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
 from deals_pipeline.defs.recent_deals import recent_deals
 
+pytestmark = pytest.mark.slow  # Dagster instances and in-process runs
+
 
 def _page_run(partition_key, instance, resources):
     return dg.materialize([deal_pages], partition_key=partition_key, instance=instance, resources=resources)
@@ -33,7 +35,7 @@ def test_definitions_load_with_every_asset_check_sensor_and_resource():
     assert {"deal_pages", "recent_deals"} <= keys
     assert {s.name for s in repo.sensor_defs} == {"deal_pages_sensor", "recent_deals_sensor"}
     checks = {k.name for k in repo.asset_graph.asset_check_keys}
-    assert {"no_duplicate_asins", "chunk_progress_matches_deals", "token_deficit_within_bounds",
+    assert {"rows_hold_their_own_asin", "chunk_progress_matches_deals", "token_deficit_within_bounds",
             "newest_deal_age", "watermark_not_ahead"} <= checks
     assert DEAL_PAGE_PARTITIONS.get_partition_keys() == [str(p) for p in range(67)]
     assert set(defs.resources) == {"keepa", "database", "token_budget", "query"}
