@@ -25,6 +25,8 @@ from deals_pipeline.keepa.errors import ConfigError
 PROG = "deals-pipeline"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: The demo hands the simulator its strict key through this variable (never on a command line).
+SIMULATOR_KEY_ENV = "DEALS_SIMULATOR_EXPECTED_KEY"
 
 
 class UsageError(ConfigError):
@@ -322,6 +324,24 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def cmd_retry_quarantined(args: argparse.Namespace) -> int:
+    """Put every quarantined chunk back (attempts reset, its page partial again) and say which."""
+    from deals_pipeline.backfill.service import retry_quarantined
+    from deals_pipeline.state_paths import database_path
+    from deals_pipeline.storage.db import Database
+
+    path = database_path(args.db)
+    if not path.exists():
+        print(f"{PROG}: no database at {path}", file=sys.stderr)
+        return 1
+    chunks = retry_quarantined(Database(path))
+    for chunk in chunks:
+        print(f"page {chunk.page} chunk {chunk.chunk_index}: back in the queue (was quarantined after "
+              f"{chunk.attempts} attempts: {chunk.error})")
+    print(f"{len(chunks)} quarantined chunk(s) put back; deal_pages_sensor (or `deals-pipeline backfill`) retries them")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Simulator at 5 tokens/min, time-scaled; backfill the first pages and one upsert; System Health.
 
@@ -337,12 +357,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     ready = work_dir / "demo-simulator.json"
     ready.unlink(missing_ok=True)
+    from deals_pipeline.defs.resources import SIMULATOR_KEY  # the key the pipeline sends in simulator mode
+
     bin_dir = Path(sys.executable).parent
     sim = subprocess.Popen(
         [sys.executable, "-m", "deals_pipeline.simulator.cli", "--port", "0", "--refill-rate", str(args.refill_rate),
          "--time-scale", str(args.time_scale), "--catalog-size", str(args.catalog_size),
-         "--drift-new-per-hour", "6", "--drift-updates-per-hour", "6", "--ready-file", str(ready)],
+         "--expected-key-env", SIMULATOR_KEY_ENV, "--ready-file", str(ready)],
         stdout=subprocess.DEVNULL,
+        # Calibrated churn (the simulator CLI's default) and a strict key: any key but the demo's gets HTTP 400.
+        env={**os.environ, SIMULATOR_KEY_ENV: SIMULATOR_KEY},
     )
     started = time.monotonic()
     try:
@@ -405,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"e.g. 0-9 or 0,1,5 (pages are 0-{MAX_PAGE}, one partition each)")
     backfill.add_argument("--create", action="store_true",
                           help="create the database if it does not exist (real-API mode refuses a missing one)")
+    retry = sub.add_parser("retry-quarantined", help="put quarantined chunks back so the sensor retries them")
+    retry.add_argument("--db", help=f"database path (default: ${ENV_DB_PATH} or data/deals.duckdb)")
     demo = sub.add_parser("demo", help="the whole pipeline on the simulator, time-scaled")
     demo.add_argument("--pages", type=int, default=2)
     demo.add_argument("--refill-rate", type=int, default=5)
@@ -420,7 +446,8 @@ def run(argv: list[str] | None = None) -> int:
         return cmd_simulator(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    commands = {"init": cmd_init, "status": cmd_status, "backfill": cmd_backfill, "demo": cmd_demo}
+    commands = {"init": cmd_init, "status": cmd_status, "backfill": cmd_backfill, "demo": cmd_demo,
+                "retry-quarantined": cmd_retry_quarantined}
     return commands[args.command](args)
 
 

@@ -10,6 +10,7 @@ from deals_pipeline.clock import Clock, describe_clock
 from deals_pipeline.keepa.keepa_time import keepa_minute_to_datetime, unix_ms_to_datetime, unix_ms_to_keepa_minute
 from deals_pipeline.keepa.models import DEAL_PAGE_SIZE
 from deals_pipeline.keepa.query import ProductOptions
+from deals_pipeline.scheduling import share_split
 from deals_pipeline.storage import Database
 from deals_pipeline.progress import current_waits
 from deals_pipeline.upsert.service import Watermark
@@ -85,6 +86,11 @@ def collect_health(
             "SELECT tokens_left, timestamp_ms, refill_rate FROM token_server_status WHERE id = 1"
         ).fetchone()
         waits = current_waits(con, clock.now_ms())
+        quarantined = con.execute(
+            "SELECT page, chunk_index, attempts, error FROM page_chunks WHERE status = 'quarantined' "
+            "ORDER BY page, chunk_index"
+        ).fetchall()
+        split = share_split(con, now_ms=clock.now_ms(), refill_rate=budget.projection().refill_rate)
     ledger = budget.ledger_summary()
     projection = budget.projection()
 
@@ -127,6 +133,7 @@ def collect_health(
             "chunks_done": int(chunks_done),
             "chunks_total": int(chunks_total),
             "failed_chunks": [{"page": f[0], "chunk": f[1], "attempts": f[2], "error": f[3]} for f in failed],
+            "quarantined_chunks": [{"page": q[0], "chunk": q[1], "attempts": q[2], "error": q[3]} for q in quarantined],
             "eta_hours": round(forecast.eta_ms / 3_600_000, 2) if forecast.eta_ms is not None else None,
             "tokens_needed": forecast.tokens_needed,
         },
@@ -141,6 +148,7 @@ def collect_health(
             "refill_rate_per_min": projection.refill_rate,
             "cap": projection.cap,
             "recharging": projection.recharging,
+            "share": split,  # how the refill of the last window was split between upserter and backfill
         },
         "upsert": {
             "runs": int(upserts[0]),

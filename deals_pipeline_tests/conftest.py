@@ -43,31 +43,37 @@ class Stack:
     db_path: Any
     extras: dict = _field(default_factory=dict)
 
-    def backfill(self, *, chunk_size: int = 4, selection: dict | None = None, rules=None, options=None):
+    def backfill(self, *, chunk_size: int = 4, selection: dict | None = None, rules=None, options=None, policy=None,
+                 **scheduling: Any):
         from deals_pipeline.backfill.service import BackfillSettings, PageBackfill
-        from deals_pipeline.enrichment import ViabilityRules
+        from deals_pipeline.enrichment import EnrichmentPolicy, ViabilityRules
         from deals_pipeline.keepa.query import DealSelection, ProductOptions
 
         settings = BackfillSettings(
+            policy=policy or EnrichmentPolicy(),
             selection=DealSelection.from_mapping(selection or {"domainId": 1, "priceTypes": [2], "dateRange": 3,
                                                                "sortType": 4}),
             product_options=options or ProductOptions(),
             rules=rules or ViabilityRules(),
             chunk_size=chunk_size,
+            **scheduling,  # max_chunk_attempts, chunk_backoff_s
         )
         return PageBackfill(self.db, self.client, self.budget, settings, clock=self.clock, source="simulator")
 
-    def updater(self, *, chunk_size: int = 4, sizing_mode: str = "default", options=None, rules=None):
-        from deals_pipeline.enrichment import ViabilityRules
+    def updater(self, *, chunk_size: int = 4, sizing_mode: str = "default", options=None, rules=None, policy=None,
+                **scheduling: Any):
+        from deals_pipeline.enrichment import EnrichmentPolicy, ViabilityRules
         from deals_pipeline.keepa.query import DealSelection, ProductOptions
         from deals_pipeline.upsert.service import RecentDealsUpdater, UpsertSettings
 
         settings = UpsertSettings(
+            policy=policy or EnrichmentPolicy(),
             selection=DealSelection.from_mapping({"domainId": 1, "priceTypes": [2], "dateRange": 3, "sortType": 1}),
             product_options=options or ProductOptions(),
             rules=rules or ViabilityRules(),
             chunk_size=chunk_size,
             sizing_mode=sizing_mode,
+            **scheduling,  # max_pages_per_run, backfill_fingerprint, upsert_share, max_wait_in_slot_s, ...
         )
         return RecentDealsUpdater(self.db, self.client, self.budget, settings, clock=self.clock, source="simulator")
 

@@ -200,18 +200,25 @@ def test_h12_a_failed_upsert_run_advances_the_watermark_only_over_committed_chun
     assert report.status == "failed" and "RetriesExhausted" in report.error
     assert report.chunks_done == 1 and report.selected == 20
     chunk1 = batch[:10]  # the first run takes the newest batch, committed oldest first
+    # Issue 10: the watermark is the discovery watermark. Every deal of the paid page was stored in the
+    # page's transaction, so it moves to the newest deal seen; what the failed run did not buy stays
+    # 'discovered' and is bought by the next run (nothing lost, nothing bought twice).
     wm = read_watermark(stack.db)
-    assert wm == report.watermark_after == chunk1[-1]
+    assert wm == report.watermark_after == batch[-1]
     stored = _stored(stack)
-    assert set(stored) == {w.asin for w in chunk1}, "only the committed chunk is stored"
+    assert set(stored) == {d["asin"] for d in stack.sim.catalog.newest(30, stack.clock.now_ms())}
     assert all(Watermark(m, a) <= wm for a, m in stored.items())
     with stack.db.connect() as con:
+        enriched = {r[0] for r in con.execute("SELECT asin FROM deals WHERE state = 'enriched'").fetchall()}
         assert con.execute("SELECT status, watermark_after FROM upsert_runs").fetchall() == [
             ("failed", wm.last_update_minute)]
-    # The next run resumes above the watermark: nothing of the failed batch is lost.
+    assert enriched == {w.asin for w in chunk1}, "only the committed chunk is enriched"
     again = updater.run()
     assert again.status == "complete"
-    assert {w.asin for w in batch} <= set(_stored(stack))
+    with stack.db.connect() as con:
+        enriched = {r[0] for r in con.execute("SELECT asin FROM deals WHERE state = 'enriched'").fetchall()}
+    assert {w.asin for w in batch} <= enriched
+    assert all(n == 1 for a, n in stack.sim.stats().product_fetches.items() if a in {w.asin for w in chunk1})
 
 
 def test_h17_the_watermark_is_clamped_to_the_server_clock(make_stack) -> None:
@@ -510,11 +517,13 @@ def test_h53_h9_the_existing_asin_check_reads_a_stored_row(make_stack, sample_pa
         plan = enricher.plan([deal, kept_out])
         assert plan.fresh == [deal.asin, kept_out.asin] and plan.to_fetch == []  # 0 tokens
         newer = replace(deal, last_update=deal.last_update + 7)
-        assert enricher.plan([newer]).to_fetch == [deal.asin]  # a refresh is bought once per new version
+        # Issue 10: a newer listing alone buys nothing (a free refresh); only the re-enrichment policy re-buys.
+        assert enricher.plan([newer]).fresh == [deal.asin]
     with stack.db.connect() as con:
         stored = stored_deals(con, [deal.asin, kept_out.asin])
         product_price = con.execute("SELECT product_used_price FROM deals WHERE asin = ?", [deal.asin]).fetchone()[0]
-    assert stored[deal.asin].enriched_minute == deal.last_update and stored[kept_out.asin].viability == "filtered"
+    assert stored[deal.asin].enriched_minute == max(deal.last_update, product.last_update)
+    assert stored[kept_out.asin].viability == "filtered"
     assert product_price == 2243  # the real product object's USED price, read by column name
 
 

@@ -17,18 +17,27 @@ from typing import Callable, Literal
 
 from deals_pipeline.budget import BudgetDeadline, Priority, TokenBudget
 from deals_pipeline.clock import Clock
-from deals_pipeline.enrichment import ChunkEnricher, FetchedProducts, ViabilityRules
+from deals_pipeline.enrichment import ChunkEnricher, ChunkPlan, EnrichmentPolicy, FetchedProducts, ViabilityRules
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import KeepaError, MalformedPayload
 from deals_pipeline.keepa.models import DEAL_PAGE_SIZE, MAX_DEAL_PAGE, Deal, DealPage
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.keepa.redact import redact
+from deals_pipeline.scheduling import (
+    DEFAULT_CHUNK_BACKOFF_S,
+    DEFAULT_MAX_CHUNK_ATTEMPTS,
+    chunk_retry_at_ms,
+    should_quarantine,
+    slot_deadline_ms,
+)
 from deals_pipeline.storage import Database
-from deals_pipeline.storage.repository import utcnow
+from deals_pipeline.storage.repository import utcnow, write_deals
 
 log = logging.getLogger(__name__)
 
-ChunkStatus = Literal["done", "already_done", "deferred", "failed"]
+#: ``backoff``: a failed chunk whose retry time has not come (nothing paid); ``quarantined``: failed
+#: ``max_chunk_attempts`` times, left out until `deals-pipeline retry-quarantined`.
+ChunkStatus = Literal["done", "already_done", "deferred", "failed", "backoff", "quarantined"]
 
 #: A paid /product response that lacks some of the chunk's products (malformed entries) fails the
 #: chunk so the next run fetches them again; after this many attempts the deals are stored without
@@ -42,10 +51,22 @@ class BackfillSettings:
     product_options: ProductOptions = field(default_factory=ProductOptions)
     rules: ViabilityRules = field(default_factory=ViabilityRules)
     chunk_size: int = 4
+    #: A chunk failing this many times is quarantined (the page completes without it).
+    max_chunk_attempts: int = DEFAULT_MAX_CHUNK_ATTEMPTS
+    #: Backoff before the 2nd attempt; doubles per attempt (at most 8x).
+    chunk_backoff_s: float = DEFAULT_CHUNK_BACKOFF_S
+    #: Longest wait for tokens while holding the pool slot; past it the chunk is deferred (nothing paid)
+    #: and the op ends. None = wait up to the run deadline; the Dagster resource sets the default bound.
+    max_wait_in_slot_s: float | None = None
+    policy: EnrichmentPolicy = field(default_factory=EnrichmentPolicy)
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= 100:
             raise ValueError(f"chunk_size must be 1..100 (a /product request takes at most 100), got {self.chunk_size}")
+        if self.max_chunk_attempts < 1:
+            raise ValueError(f"max_chunk_attempts must be >= 1, got {self.max_chunk_attempts}")
+        if self.chunk_backoff_s < 0:
+            raise ValueError(f"chunk_backoff_s must be >= 0, got {self.chunk_backoff_s}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +111,7 @@ class PageSummary:
     deals_on_page: int
     tokens_spent: int
     total_matches: int | None
+    chunks_quarantined: tuple[int, ...] = ()
 
     def as_metadata(self) -> dict[str, object]:
         return {
@@ -99,6 +121,8 @@ class PageSummary:
             "chunks_done": self.chunks_done,
             "chunks_total": self.chunks_total,
             "chunks_failed": self.chunks_failed,
+            "chunks_quarantined": len(self.chunks_quarantined),
+            "quarantined_chunk_indexes": ",".join(map(str, self.chunks_quarantined)) or "none",
             "deals_on_page": self.deals_on_page,
             "tokens_spent_page_total": self.tokens_spent,
             "query_total_matches": self.total_matches if self.total_matches is not None else -1,
@@ -156,7 +180,7 @@ class PageBackfill:
         self.price_type = settings.selection.price_types[0]
         self.enricher = ChunkEnricher.for_selection(
             db, client, budget, settings.selection, options=settings.product_options, rules=settings.rules,
-            source=source, origin="backfill", priority=Priority.BACKFILL,
+            source=source, origin="backfill", priority=Priority.BACKFILL, policy=settings.policy,
         )
 
     # -- snapshot -------------------------------------------------------------------------------
@@ -172,7 +196,7 @@ class PageBackfill:
             cost=self.budget.costs.deal_pages(),
             purpose="deal_page",
             priority=Priority.BACKFILL,
-            deadline_ms=deadline_ms,
+            deadline_ms=self.slot_deadline(deadline_ms),
             detail=f"page {page}",
             settle_now=False,
         )
@@ -197,6 +221,8 @@ class PageBackfill:
                     "VALUES (?, ?, ?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
                     [[page, self.fingerprint, i, list(asins), now] for i, asins in enumerate(chunks)],
                 )
+            # Lossless discovery: every deal of the paid page is stored with the page (issue 10).
+            write_deals(con, self.enricher.discovery_rows(deal_page.deals))
             self.budget.settle(reservation, deal_page.status.tokens_consumed, deal_page.status, con=con)
         for skipped in deal_page.skipped:
             log.warning("page %d: skipped deal #%d (%s): %s", page, skipped.index, skipped.asin, skipped.reason)
@@ -255,7 +281,8 @@ class PageBackfill:
     def unfinished_chunks(self, page: int) -> list[int]:
         with self.db.connect() as con:
             rows = con.execute(
-                "SELECT chunk_index FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND status <> 'done' "
+                "SELECT chunk_index FROM page_chunks WHERE page = ? AND selection_fingerprint = ? "
+                "AND status NOT IN ('done', 'quarantined') "
                 "ORDER BY chunk_index",
                 [page, self.fingerprint],
             ).fetchall()
@@ -266,13 +293,17 @@ class PageBackfill:
         page = snapshot.page
         with self.db.connect() as con:
             row = con.execute(
-                "SELECT status, attempts FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                "SELECT status, attempts, next_attempt_ms FROM page_chunks "
+                "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
                 [page, self.fingerprint, chunk_index],
             ).fetchone()
             if row is None:
                 raise ValueError(f"page {page} has no chunk {chunk_index}")
             if row[0] == "done":
                 return ChunkOutcome(page, chunk_index, "already_done")
+            held = self._held_back(page, chunk_index, row[0], row[2])
+            if held is not None:
+                return held
             staged = con.execute(
                 "SELECT raw_response, tokens_consumed FROM chunk_staging "
                 "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
@@ -281,13 +312,21 @@ class PageBackfill:
             by_asin = {d.asin: d for d in snapshot.deals}
             plan = self.enricher.plan([by_asin[a] for a in snapshot.chunk_asins[chunk_index]], con)
         detail = f"page {page} chunk {chunk_index}"
+        screen_tokens = 0
+        if staged is None and plan.to_screen:
+            try:
+                screen_tokens = self._screen(page, chunk_index, plan, deadline_ms=self.slot_deadline(deadline_ms), detail=detail)
+            except BudgetDeadline as stop:
+                return ChunkOutcome(page, chunk_index, "deferred", wait_ms=stop.wait_ms)
+            except KeepaError as exc:
+                return self._record_failure(page, chunk_index, exc)
         if staged is not None:
             # Paid for in an earlier run whose write failed: reuse it instead of paying again.
             fetched = FetchedProducts.from_staged(json.loads(staged[0]))
             tokens = int(staged[1])
         else:
             try:
-                fetched = self.enricher.fetch(plan.to_fetch, deadline_ms=deadline_ms, detail=detail)
+                fetched = self.enricher.fetch(plan.to_fetch, deadline_ms=self.slot_deadline(deadline_ms), detail=detail)
             except BudgetDeadline as stop:
                 return ChunkOutcome(page, chunk_index, "deferred", wait_ms=stop.wait_ms)
             except KeepaError as exc:
@@ -308,7 +347,8 @@ class PageBackfill:
                     "UPDATE page_chunks SET status = 'done', attempts = attempts + 1, tokens_spent = tokens_spent + ?, "
                     "deals_stored = ?, fresh_skipped = ?, filtered = ?, error = NULL, updated_at = ? "
                     "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
-                    [tokens, new + updated, len(plan.fresh), len(plan.filtered), utcnow(), page, self.fingerprint, chunk_index],
+                    [tokens, new + updated, len(plan.fresh), len(plan.filtered) + len(plan.screened_out), utcnow(), page,
+                     self.fingerprint, chunk_index],
                 )
                 con.execute(
                     "DELETE FROM chunk_staging WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
@@ -319,9 +359,23 @@ class PageBackfill:
                 self._stage(page, chunk_index, fetched)
             return self._record_failure(page, chunk_index, exc)
         return ChunkOutcome(
-            page, chunk_index, "done", tokens_spent=tokens, deals_stored=new + updated,
-            fresh_skipped=len(plan.fresh), filtered=len(plan.filtered), fetched_asins=tuple(plan.to_fetch),
+            page, chunk_index, "done", tokens_spent=tokens + screen_tokens, deals_stored=new + updated,
+            fresh_skipped=len(plan.fresh), filtered=len(plan.filtered) + len(plan.screened_out),
+            fetched_asins=tuple(plan.to_fetch),
         )
+
+    def _screen(self, page: int, chunk_index: int, plan: ChunkPlan, *, deadline_ms: int | None, detail: str) -> int:
+        """Stage 1 of a chunk, committed on its own with its spend and the chunk's stage-1 token count:
+        a run killed before stage 2 finds the verdicts stored and never buys stage 1 again."""
+        fetched = self.enricher.screen(plan, deadline_ms=deadline_ms, detail=detail)
+        with self.db.transaction() as con:
+            self.enricher.commit_screen(con, plan, fetched)
+            con.execute(
+                "UPDATE page_chunks SET tokens_spent = tokens_spent + ?, updated_at = ? "
+                "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                [fetched.tokens, utcnow(), page, self.fingerprint, chunk_index],
+            )
+        return fetched.tokens
 
     def _stage(self, page: int, chunk_index: int, fetched: FetchedProducts) -> None:
         with self.db.transaction() as con:
@@ -337,17 +391,64 @@ class PageBackfill:
         self, page: int, chunk_index: int, exc: Exception, fetched: FetchedProducts | None = None
     ) -> ChunkOutcome:
         message = redact(f"{type(exc).__name__}: {exc}")[:500]
-        log.warning("page %d chunk %d failed (will be retried by the next run): %s", page, chunk_index, message)
         with self.db.transaction() as con:
+            attempts = int(con.execute(
+                "SELECT attempts FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                [page, self.fingerprint, chunk_index],
+            ).fetchone()[0]) + 1
+            status, retry_at = self._after_failure(attempts)
             con.execute(
-                "UPDATE page_chunks SET status = 'failed', attempts = attempts + 1, error = ?, "
+                "UPDATE page_chunks SET status = ?, attempts = ?, error = ?, next_attempt_ms = ?, "
                 "tokens_spent = tokens_spent + ?, updated_at = ? "
                 "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
-                [message, fetched.tokens if fetched else 0, utcnow(), page, self.fingerprint, chunk_index],
+                [status, attempts, message, retry_at, fetched.tokens if fetched else 0, utcnow(), page,
+                 self.fingerprint, chunk_index],
             )
             for product_page, reservation in zip(fetched.pages if fetched else [], fetched.reservations if fetched else []):
                 self.budget.settle(reservation, product_page.status.tokens_consumed, product_page.status, con=con)
-        return ChunkOutcome(page, chunk_index, "failed", error=message)
+        if status == "quarantined":
+            log.warning("page %d chunk %d quarantined after %d failed attempts (the page completes without it; "
+                        "`deals-pipeline retry-quarantined` puts it back): %s", page, chunk_index, attempts, message)
+        else:
+            log.warning("page %d chunk %d failed (attempt %d of %d, retried after backoff): %s", page, chunk_index,
+                        attempts, self.settings.max_chunk_attempts, message)
+        return ChunkOutcome(page, chunk_index, status, error=message)
+
+    # -- retry backoff and quarantine (rules in deals_pipeline/scheduling.py) --------------------
+
+    def slot_deadline(self, deadline_ms: int | None) -> int | None:
+        """The deadline of one acquire made while holding the pool slot (defer, don't sleep)."""
+        if self.settings.max_wait_in_slot_s is None:
+            return deadline_ms
+        return slot_deadline_ms(self.clock.now_ms(), deadline_ms, self.settings.max_wait_in_slot_s)
+
+    def _after_failure(self, attempts: int) -> tuple[str, int | None]:
+        """(status, retry time) of a chunk that has now failed ``attempts`` times."""
+        if should_quarantine(attempts, self.settings.max_chunk_attempts):
+            return "quarantined", None
+        return "failed", chunk_retry_at_ms(self.clock.now_ms(), attempts, self.settings.chunk_backoff_s)
+
+    def _held_back(self, page: int, chunk_index: int, status: str, next_attempt_ms: int | None) -> ChunkOutcome | None:
+        """A quarantined chunk, or a failed one still backing off: an outcome without paying anything."""
+        if status == "quarantined":
+            return ChunkOutcome(page, chunk_index, "quarantined")
+        if status == "failed" and next_attempt_ms is not None and self.clock.now_ms() < int(next_attempt_ms):
+            return ChunkOutcome(page, chunk_index, "backoff", wait_ms=int(next_attempt_ms) - self.clock.now_ms())
+        return None
+
+    @staticmethod
+    def next_retry_at(db: Database, fingerprint: str, page: int, now: int) -> int | None:
+        """When the page's next unfinished chunk may run: None = now (or nothing left), else the backoff end."""
+        with db.connect() as con:
+            rows = con.execute(
+                "SELECT status, next_attempt_ms FROM page_chunks WHERE page = ? AND selection_fingerprint = ? "
+                "AND status NOT IN ('done', 'quarantined')",
+                [page, fingerprint],
+            ).fetchall()
+        waits = [int(r[1]) for r in rows if r[0] == "failed" and r[1] is not None and int(r[1]) > now]
+        if not rows or len(waits) < len(rows):
+            return None
+        return min(waits)
 
     # -- summary --------------------------------------------------------------------------------
 
@@ -356,14 +457,18 @@ class PageBackfill:
         with self.db.transaction() as con:
             counts = con.execute(
                 "SELECT count(*), count(*) FILTER (status = 'done'), count(*) FILTER (status = 'failed'), "
-                "coalesce(sum(tokens_spent), 0), list(error) FILTER (status = 'failed') "
+                "coalesce(sum(tokens_spent), 0), list(error) FILTER (status = 'failed'), "
+                "list(chunk_index ORDER BY chunk_index) FILTER (status = 'quarantined') "
                 "FROM page_chunks WHERE page = ? AND selection_fingerprint = ?",
                 [page, self.fingerprint],
             ).fetchone()
-            total, done, failed, chunk_tokens, errors = counts
+            total, done, failed, chunk_tokens, errors, quarantined = counts
+            quarantined = tuple(int(c) for c in (quarantined or []))
             summary = PageSummary(
                 page=page,
-                complete=int(done) == int(total),
+                # A quarantined chunk no longer holds the page back (the asset check names it).
+                complete=int(done) + len(quarantined) == int(total),
+                chunks_quarantined=quarantined,
                 is_last=snapshot.is_last,
                 chunks_total=int(total),
                 chunks_done=int(done),
@@ -398,3 +503,41 @@ class PageBackfill:
             if outcome.status == "deferred":
                 break
         return self.summarize(snapshot)
+
+
+@dataclass(frozen=True)
+class QuarantinedChunk:
+    page: int
+    chunk_index: int
+    attempts: int
+    error: str | None
+
+
+_QUARANTINED_SQL = (
+    "SELECT page, chunk_index, attempts, error, selection_fingerprint FROM page_chunks "
+    "WHERE status = 'quarantined' AND (? IS NULL OR selection_fingerprint = ?) ORDER BY page, chunk_index"
+)
+
+
+def quarantined_chunks(db: Database, fingerprint: str | None = None) -> list[QuarantinedChunk]:
+    """Every quarantined chunk (of one selection, or all), in page order."""
+    with db.connect() as con:
+        rows = con.execute(_QUARANTINED_SQL, [fingerprint, fingerprint]).fetchall()
+    return [QuarantinedChunk(int(r[0]), int(r[1]), int(r[2]), r[3]) for r in rows]
+
+
+def retry_quarantined(db: Database, fingerprint: str | None = None) -> list[QuarantinedChunk]:
+    """Put quarantined chunks back (attempts reset) and mark their pages partial so the sensor returns to them."""
+    with db.transaction() as con:
+        rows = con.execute(_QUARANTINED_SQL, [fingerprint, fingerprint]).fetchall()
+        con.execute(
+            "UPDATE page_chunks SET status = 'pending', attempts = 0, next_attempt_ms = NULL, updated_at = ? "
+            "WHERE status = 'quarantined' AND (? IS NULL OR selection_fingerprint = ?)",
+            [utcnow(), fingerprint, fingerprint],
+        )
+        for page, fp in {(int(r[0]), r[4]) for r in rows}:
+            con.execute(
+                "UPDATE page_summaries SET status = 'partial', updated_at = ? WHERE page = ? AND selection_fingerprint = ?",
+                [utcnow(), page, fp],
+            )
+    return [QuarantinedChunk(int(r[0]), int(r[1]), int(r[2]), r[3]) for r in rows]

@@ -84,5 +84,20 @@ def watermark_not_ahead(keepa: KeepaResource, database: DealsDatabaseResource) -
     return dg.AssetCheckResult(passed=result.pop("passed"), metadata=result)
 
 
-ALL_CHECKS = [rows_hold_their_own_asin, chunk_progress_matches_deals, token_deficit_within_bounds, newest_deal_age,
+@dg.asset_check(asset="deal_pages", description="No chunk is quarantined (failed max_chunk_attempts times).")
+def no_quarantined_chunks(keepa: KeepaResource, database: DealsDatabaseResource) -> dg.AssetCheckResult:
+    from deals_pipeline.backfill.service import quarantined_chunks
+
+    chunks = quarantined_chunks(_db(keepa, database))
+    names = ", ".join(f"page {c.page} chunk {c.chunk_index}" for c in chunks[:20])
+    return dg.AssetCheckResult(
+        passed=not chunks,
+        metadata={"quarantined_count": len(chunks), "quarantined_chunks": names or "none",
+                  "first_error": (chunks[0].error or "") if chunks else "",
+                  "fix": "`deals-pipeline retry-quarantined` puts them back"},
+        description=f"quarantined: {names}" if chunks else None,
+    )
+
+
+ALL_CHECKS = [no_quarantined_chunks, rows_hold_their_own_asin, chunk_progress_matches_deals, token_deficit_within_bounds, newest_deal_age,
               watermark_not_ahead]

@@ -13,9 +13,11 @@ from deals_pipeline import __version__
 from deals_pipeline.backfill.service import page_count_for
 from deals_pipeline.budget import BudgetDeadline
 from deals_pipeline.defs.waits import waits_shown_on
+from deals_pipeline.enrichment import two_stage_forecast
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE
 from deals_pipeline.progress import ChunkCommitted, publish
 from deals_pipeline.runtime import Runtime
+from deals_pipeline.scheduling import share_split
 from deals_pipeline.defs.resources import (
     DealQueryResource,
     DealsDatabaseResource,
@@ -26,6 +28,10 @@ from deals_pipeline.defs.resources import (
 
 DEAL_PAGE_PARTITIONS = dg.StaticPartitionsDefinition([str(p) for p in range(MAX_DEAL_PAGE + 1)])
 NO_CHUNK = -1
+#: Runs of this process in which a chunk was deferred (in-process executor: one process per run).
+#: The run's remaining chunk ops end at once instead of each waiting up to max_wait_in_slot_s again,
+#: so the pool slot is free for the upserter and the sensor relaunches the page when it is affordable.
+_DEFERRED_RUNS: set[str] = set()
 
 
 def _owner(context: dg.OpExecutionContext) -> str:
@@ -80,6 +86,8 @@ def process_chunk(
     """Commit one chunk (rows + done mark + token spend in one transaction), or say why not."""
     if work["chunk"] == NO_CHUNK:
         return {"status": "none", "deferred": bool(work.get("deferred"))}
+    if context.run_id in _DEFERRED_RUNS:
+        return {"status": "deferred", "tokens": 0, "stored": 0}
     page = int(context.partition_key)
     runtime = _runtime(context, keepa, database, token_budget)
     backfill = runtime.page_backfill(query.backfill_settings())
@@ -92,6 +100,13 @@ def process_chunk(
     publish(ChunkCommitted(page=page, chunk_index=outcome.chunk_index, chunk_count=snapshot.chunk_count,
                            status=outcome.status, tokens_spent=outcome.tokens_spent,
                            deals_stored=outcome.deals_stored, chunks_done=chunks_done))
+    if outcome.status == "deferred":
+        _DEFERRED_RUNS.add(context.run_id)
+        context.log.warning(
+            f"page {page} chunk {outcome.chunk_index + 1}: deferred, not affordable within "
+            f"{query.max_wait_in_slot_s:.0f} s (next tokens in {(outcome.wait_ms or 0) / 1000:.0f} s): the run ends "
+            "with progress saved and releases the keepa_api slot; the sensor relaunches the page when affordable"
+        )
     context.log.info(
         f"page {page} chunk {outcome.chunk_index + 1}/{snapshot.chunk_count}: {outcome.status}"
         f", {outcome.tokens_spent} tokens, {outcome.deals_stored} stored, {outcome.fresh_skipped} already fresh"
@@ -141,12 +156,15 @@ def write_page_summary(
         pages_remaining=remaining_pages,
         asins_remaining=remaining_chunks * query.chunk_size + remaining_pages * 150,
         options=query.product_options(),
+        **two_stage_forecast(runtime.db, query.policy(), query.product_options()),
     )
     metadata = {
         **summary.as_metadata(),
         "deals_stored_this_run": stored,
         "chunks_done_this_run": done,
         "chunks_deferred_this_run": deferred,
+        "deferred": bool(deferred),
+        **_share_split(runtime, query),
         "tokens_spent_this_run": run_tokens,
         "tokens_per_stored_deal": round(run_tokens / stored, 2) if stored else 0.0,
         "duplicates_skipped": sum(r.get("fresh", 0) for r in results),
@@ -157,6 +175,12 @@ def write_page_summary(
         "source": runtime.source,
         "pipeline_version": __version__,  # which code ran (HAZARDS #20)
     }
+    if deferred:
+        context.log.warning(
+            f"page {page}: {deferred} chunk(s) deferred (not affordable within {query.max_wait_in_slot_s:.0f} s while "
+            "holding the keepa_api slot); progress is saved: the sensor relaunches the page when affordable, or "
+            "run the same `dagster asset materialize` again"
+        )
     if summary.chunks_failed:
         raise dg.Failure(
             description=f"page {page}: {summary.chunks_failed} chunk(s) failed and will be retried by the next run: "
@@ -164,6 +188,12 @@ def write_page_summary(
             metadata=metadata,
         )
     yield dg.Output(None, metadata=metadata)
+
+
+def _share_split(runtime: Runtime, query: DealQueryResource) -> dict:
+    with runtime.db.connect() as con:
+        return share_split(con, now_ms=runtime.clock.now_ms(), refill_rate=runtime.budget.projection().refill_rate,
+                           window_min=query.share_window_min)
 
 
 @dg.graph_asset(
@@ -186,3 +216,4 @@ deal_pages_job = dg.define_asset_job(
     executor_def=dg.in_process_executor,
     description="Backfill one deal page (in process: the chunk fan-out costs ~ms per op, not ~2 s).",
 )
+

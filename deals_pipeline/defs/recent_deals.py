@@ -48,6 +48,10 @@ def recent_deals(
     age = newest_deal_age_minutes(runtime.db, runtime.clock)
     metadata = {**report.as_metadata(), "newest_deal_age_minutes": age if age is not None else -1.0,
                 "source": runtime.source, "pipeline_version": __version__}
+    if report.status in ("deferred", "share_deferred") or not report.scan_complete:
+        # Ends cleanly with progress saved and the pool slot released; the sensor relaunches it.
+        context.log.warning(f"upsert {report.status}: {report.error or 'the scan resumes next run'}"
+                            f" (scan next page {report.scan_next_page})")
     if report.status == "failed":
         raise dg.Failure(description=f"upsert failed after {report.chunks_done} committed chunks: {report.error}",
                          metadata=metadata)

@@ -15,6 +15,7 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
+from deals_pipeline import scheduling as sched
 from deals_pipeline.backfill.service import BackfillSettings
 from deals_pipeline.budget import BudgetPolicy, TokenBudget
 from deals_pipeline.clock import Clock, clock_for_database, clock_from_env
@@ -32,7 +33,10 @@ from deals_pipeline.config import (
     ENV_SIMULATOR_URL,
     ENV_UPSERT_INTERVAL_S,
 )
-from deals_pipeline.enrichment import ViabilityRules
+from deals_pipeline.enrichment import (
+    DEFAULT_REENRICH_AFTER_HOURS, DEFAULT_REENRICH_PRICE_CHANGE_PCT, DEFAULT_STATS_RULES, EnrichmentPolicy, StatsRules,
+    ViabilityRules,
+)
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import ConfigError
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
@@ -162,8 +166,42 @@ class DealQueryResource(dg.ConfigurableResource):
     min_delta_percent: Optional[int] = Field(default=None, description="Viability: minimum 90-day % drop.")
     max_sales_rank: Optional[int] = Field(default=None, description="Viability: maximum sales rank.")
     min_price: Optional[int] = Field(default=None, description="Viability: minimum current price (cents).")
+    reenrich_after_hours: float = Field(
+        default=DEFAULT_REENRICH_AFTER_HOURS,
+        description="Re-enrichment policy: an enriched deal gets /product again when its enrichment is this old.")
+    reenrich_price_change_pct: float = Field(
+        default=DEFAULT_REENRICH_PRICE_CHANGE_PCT,
+        description="Re-enrichment policy: ... or when its watched price moved by at least this many percent.")
+    stats_min_sales_rank_drops90: Optional[int] = Field(
+        default=None, description="Stage-1 stats rule: minimum sales-rank drops in 90 days.")
+    stats_max_sales_rank: Optional[int] = Field(default=None, description="Stage-1 stats rule: maximum sales rank.")
+    stats_min_used_offers: Optional[int] = Field(
+        default=None, description="Stage-1 stats rule: minimum used-offer count (stats.current[12]).")
+    stats_max_out_of_stock_pct90: Optional[int] = Field(
+        default=DEFAULT_STATS_RULES.max_out_of_stock_pct90,
+        description="Stage-1 stats rule: maximum outOfStockPercentage90 at the query's price type. Any stats "
+                    "rule turns on two-stage enrichment (/product without offers first, ~1 token/ASIN); "
+                    "null every stats_* option for single-stage.")
     upsert_sizing_mode: str = Field(default="default", description="'default' (20 below 20/min, else 200) or 'derived'.")
     upsert_interval_s: int = Field(default=DEFAULT_UPSERT_INTERVAL_S, description="Seconds between upsert sensor ticks.")
+    # -- when to spend (deals_pipeline/scheduling.py) --
+    upsert_share: float = Field(default=sched.DEFAULT_UPSERT_SHARE, description=(
+        "While the backfill has work, the upserter's share of the refill over `share_window_min`; "
+        "with no backfill work it may use it all."))
+    share_window_min: int = Field(default=sched.DEFAULT_SHARE_WINDOW_MIN, description="Sliding window of the share.")
+    max_wait_in_slot_s: float = Field(default=sched.DEFAULT_MAX_WAIT_IN_SLOT_S, description=(
+        "Longest wait for tokens while holding the keepa_api pool slot; past it the op ends (progress saved, "
+        "slot released) and the sensors relaunch the work when it is affordable."))
+    max_poll_share: float = Field(default=sched.DEFAULT_MAX_POLL_SHARE, description=(
+        "Polls of the newest page cost at most this share of the refill (10% = one page per 10 min at 5/min)."))
+    discovery_lag_target_min: float = Field(default=sched.DEFAULT_DISCOVERY_LAG_TARGET_MIN, description=(
+        "The poll interval never exceeds this: a new deal is found at most this long after it appears."))
+    max_pages_per_run: int = Field(default=sched.DEFAULT_MAX_PAGES_PER_RUN, description=(
+        "Pages one upsert run may read; a deeper backlog resumes from the stored scan position."))
+    max_chunk_attempts: int = Field(default=sched.DEFAULT_MAX_CHUNK_ATTEMPTS, description=(
+        "A chunk failing this many times is quarantined (`deals-pipeline retry-quarantined` puts it back)."))
+    chunk_backoff_s: float = Field(default=sched.DEFAULT_CHUNK_BACKOFF_S, description=(
+        "Backoff before a failed chunk's next attempt; doubles per attempt (at most 8x)."))
 
     def selection(self) -> DealSelection:
         try:
@@ -179,15 +217,39 @@ class DealQueryResource(dg.ConfigurableResource):
         return ViabilityRules(min_delta_percent=self.min_delta_percent, max_sales_rank=self.max_sales_rank,
                               min_price=self.min_price)
 
+    def policy(self) -> EnrichmentPolicy:
+        return EnrichmentPolicy(
+            reenrich_after_hours=self.reenrich_after_hours, reenrich_price_change_pct=self.reenrich_price_change_pct,
+            stats_rules=StatsRules(
+                min_sales_rank_drops90=self.stats_min_sales_rank_drops90, max_sales_rank=self.stats_max_sales_rank,
+                min_used_offer_count=self.stats_min_used_offers,
+                max_out_of_stock_pct90=self.stats_max_out_of_stock_pct90,
+            ),
+        )
+
     def backfill_settings(self) -> BackfillSettings:
         return BackfillSettings(selection=self.selection(), product_options=self.product_options(),
-                                rules=self.rules(), chunk_size=self.chunk_size)
+                                rules=self.rules(), chunk_size=self.chunk_size, policy=self.policy(),
+                                max_chunk_attempts=self.max_chunk_attempts, chunk_backoff_s=self.chunk_backoff_s,
+                                max_wait_in_slot_s=self.max_wait_in_slot_s)
 
     def upsert_settings(self) -> UpsertSettings:
         newest_first = DealSelection.from_mapping({**self.selection().to_json(), "sortType": 1})
         return UpsertSettings(selection=newest_first, product_options=self.product_options(), rules=self.rules(),
-                              chunk_size=self.chunk_size, sizing_mode=self.upsert_sizing_mode,
-                              interval_s=self.upsert_interval_s)
+                              chunk_size=self.chunk_size, sizing_mode=self.upsert_sizing_mode, policy=self.policy(),
+                              interval_s=self.upsert_interval_s, max_pages_per_run=self.max_pages_per_run,
+                              backfill_fingerprint=self.selection().fingerprint(), upsert_share=self.upsert_share,
+                              share_window_min=self.share_window_min, max_wait_in_slot_s=self.max_wait_in_slot_s)
+
+    def poll_plan(self, db: Database, budget: TokenBudget, clock: Clock) -> sched.PollPlan:
+        """The upserter's poll interval from the observed arrival rate and the learned refill rate."""
+        from deals_pipeline.keepa.keepa_time import unix_ms_to_keepa_minute
+
+        with db.connect() as con:
+            arrivals = sched.observed_arrivals_per_hour(con, now_minute=unix_ms_to_keepa_minute(clock.now_ms()))
+        return sched.poll_interval(refill_rate=budget.projection().refill_rate, arrivals_per_hour=arrivals,
+                                   page_cost=int(budget.costs.deal_pages()), max_poll_share=self.max_poll_share,
+                                   lag_target_min=self.discovery_lag_target_min)
 
 
 def build_runtime(

@@ -97,6 +97,9 @@ def deal_pages_sensor(
         return dg.SkipReason(why)
     if wait_ms > 0:
         return dg.SkipReason(f"budget: a chunk ({cost} tokens) is affordable in {wait_ms / 1000:.0f} s")
+    backoff = _backoff_ms(db, query, page)
+    if backoff:
+        return dg.SkipReason(f"page {page}: its unfinished chunks back off after failures for {backoff / 1000:.0f} s more")
     cursor = json.loads(context.cursor) if context.cursor else {}
     attempt = int(cursor.get(str(page), 0)) + 1
     cursor[str(page)] = attempt
@@ -108,11 +111,25 @@ def deal_pages_sensor(
     )
 
 
+def _backoff_ms(db, query: DealQueryResource, page: int) -> int:
+    """ms until the page's next unfinished chunk may run again (0 = now): a retry backing off is not relaunched."""
+    from deals_pipeline.backfill.service import PageBackfill
+
+    clock = clock_from_env()
+    retry_at = PageBackfill.next_retry_at(db, query.selection().fingerprint(), page, clock.now_ms())
+    return 0 if retry_at is None else max(0, retry_at - clock.now_ms())
+
+
+#: The upsert sensor ticks this often and launches when the adaptive poll interval has passed
+#: (deals_pipeline/scheduling.py::poll_interval; the chosen interval is in every tick's log).
+UPSERT_SENSOR_TICK_S = min(60, int(os.environ.get(ENV_UPSERT_INTERVAL_S, DEFAULT_UPSERT_INTERVAL_S)))
+
+
 @dg.sensor(
     job=recent_deals_job,
-    minimum_interval_seconds=int(os.environ.get(ENV_UPSERT_INTERVAL_S, DEFAULT_UPSERT_INTERVAL_S)),
+    minimum_interval_seconds=UPSERT_SENSOR_TICK_S,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Requests an upsert run when none is in flight and the budget can pay for one chunk.",
+    description="Requests an upsert run at the adaptive poll interval when none is in flight and a chunk is affordable.",
 )
 def recent_deals_sensor(
     context: dg.SensorEvaluationContext,
@@ -123,18 +140,39 @@ def recent_deals_sensor(
 ):
     if _in_flight(context, recent_deals_job.name):
         return dg.SkipReason("an upsert run is in flight")
+    clock = clock_from_env()
     try:
-        _, budget, cost, wait_ms = _budget_gate(keepa, database, token_budget, query, priority=Priority.UPSERT,
-                                                with_page=True)
+        db, budget, cost, wait_ms = _budget_gate(keepa, database, token_budget, query, priority=Priority.UPSERT,
+                                                 with_page=True)
         batch = budget.max_new_deals_per_run(query.upsert_sizing_mode, interval_s=query.upsert_interval_s)
+        plan = query.poll_plan(db, budget, clock)
     except (DatabaseBusy, ConfigError, BudgetError) as trouble:
         return dg.SkipReason(f"not launching: {trouble}")
+    cursor = _upsert_cursor(context.cursor)
+    since_s = (clock.now_ms() - cursor["last_launch_ms"]) / 1000 if cursor["last_launch_ms"] else None
+    context.log.info(f"{plan.reason}; last launch {'never' if since_s is None else f'{since_s:.0f}s ago'}")
+    if since_s is not None and since_s < plan.interval_s:
+        return dg.SkipReason(f"next poll in {plan.interval_s - since_s:.0f}s ({plan.reason})")
     if wait_ms > 0:
         return dg.SkipReason(f"budget: one page and one chunk ({cost} tokens) are affordable in {wait_ms / 1000:.0f} s")
-    tick = int(context.cursor or 0) + 1
-    context.update_cursor(str(tick))
+    tick = cursor["tick"] + 1
+    context.update_cursor(json.dumps({"tick": tick, "last_launch_ms": clock.now_ms()}))
     return dg.RunRequest(
         run_key=f"recent-deals-{tick}",
-        tags={"deals_pipeline/batch_size": str(batch),
-              "deals_pipeline/reason": f"refill {budget.projection().refill_rate}/min, a chunk is affordable"},
+        tags={"deals_pipeline/batch_size": str(batch), "deals_pipeline/poll_interval_s": str(plan.interval_s),
+              "deals_pipeline/reason": f"refill {budget.projection().refill_rate}/min, a chunk is affordable; "
+                                       f"{plan.reason}"},
     )
+
+
+def _upsert_cursor(raw: str | None) -> dict:
+    """The upsert sensor's cursor: {"tick", "last_launch_ms"} (a bare tick count from older versions)."""
+    if not raw:
+        return {"tick": 0, "last_launch_ms": 0}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return {"tick": 0, "last_launch_ms": 0}
+    if isinstance(value, int):
+        return {"tick": value, "last_launch_ms": 0}
+    return {"tick": int(value.get("tick", 0)), "last_launch_ms": int(value.get("last_launch_ms", 0))}

@@ -77,6 +77,8 @@ def test_a_failed_chunk_is_retried_by_the_next_run_never_skipped(make_stack):
     assert summary.chunks_failed == 1 and not summary.complete
     assert "RetriesExhausted" in summary.failed_errors[0]
     assert backfill.unfinished_chunks(0) == [0]
+    assert backfill.run_page(0).chunks_failed == 1, "retried before its backoff ended"
+    stack.clock.advance(backfill.settings.chunk_backoff_s * 1000)
     rerun = backfill.run_page(0)
     assert rerun.complete
     assert set(_stored(stack)) == {d.asin for d in snapshot.deals}

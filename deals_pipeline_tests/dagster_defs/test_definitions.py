@@ -135,10 +135,16 @@ def test_recent_deals_sensor_tags_batch_size_and_uses_fresh_run_keys(sim, tmp_pa
     with dg.instance_for_test() as instance:
         ctx = dg.build_sensor_context(instance=instance, resources=resources)
         first = recent_deals_sensor(ctx)
-        second = recent_deals_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=ctx.cursor))
+        # Right after a launch the adaptive poll interval has not passed: the tick says when and why.
+        early = recent_deals_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=ctx.cursor))
+        # Once it has passed (the last launch long ago), the next run gets a fresh key.
+        elapsed = json.dumps({"tick": json.loads(ctx.cursor)["tick"], "last_launch_ms": 1})
+        second = recent_deals_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=elapsed))
     assert isinstance(first, dg.RunRequest) and isinstance(second, dg.RunRequest)
+    assert isinstance(early, dg.SkipReason) and "next poll in" in early.skip_message
+    assert "poll every" in early.skip_message
     assert first.run_key != second.run_key
-    assert "deals_pipeline/batch_size" in first.tags
+    assert "deals_pipeline/batch_size" in first.tags and "deals_pipeline/poll_interval_s" in first.tags
 
 
 @pytest.mark.slow
