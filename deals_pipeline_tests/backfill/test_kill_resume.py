@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,15 +58,17 @@ def _kill_at_events(cmd, env, *, sim, db_path: Path, kills_wanted: int, rng: ran
         else:
             what, poll_s = f"a chunk of run {tally.runs + 1} committed", DB_POLL_S
             event = lambda base=done_before: (done_chunks(db_path) or 0) > base  # noqa: E731
-        if run_and_kill_at(cmd, env, event=event, what=what, timeout=timeout, poll_s=poll_s):
-            tally.made += 1
-            tally.events.append(what)
-        else:
-            tally.finished += 1
+        started = time.monotonic()
+        killed = run_and_kill_at(cmd, env, event=event, what=what, timeout=timeout, poll_s=poll_s)
+        tally.made += killed
+        tally.finished += not killed
+        tally.events.append(what)
+        print(f"run {tally.runs}: {'killed at' if killed else 'finished before'} {what} "
+              f"after {time.monotonic() - started:.1f} s", flush=True)
     return tally
 
 
-@pytest.mark.timeout(900)  # a hang guard: ~1 min idle, each run's startup grows with the machine's load
+@pytest.mark.timeout(1800)  # a hang guard: ~1 min idle; each run waits for its first request, 35 s at load ~25
 def test_twenty_plus_sigkills_mid_page_lose_nothing_and_rebuy_at_most_the_inflight_chunk(tmp_path):
     db_path = tmp_path / "kill.duckdb"
     config = SimulatorConfig(refill_rate=3000, catalog_size=600, faults=FaultConfig(latency_ms=15))

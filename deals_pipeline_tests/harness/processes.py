@@ -46,7 +46,7 @@ class KillTally:
     asked: int = 0
     made: int = 0
     finished: int = 0
-    events: list[str] = field(default_factory=list)  # the event each kill landed at, in order
+    events: list[str] = field(default_factory=list)  # the event each run was to be killed at, in order
 
     @property
     def runs(self) -> int:
@@ -63,7 +63,7 @@ def peek(db_path: Path, sql: str, params: list | None = None) -> list[tuple] | N
         return None
     try:
         con = duckdb.connect(str(db_path), read_only=True)
-    except (duckdb.IOException, duckdb.CatalogException):
+    except duckdb.Error:  # locked by the writer (IOException), or caught mid-creation by a first process
         return None
     try:
         return con.execute(sql, params or []).fetchall()
