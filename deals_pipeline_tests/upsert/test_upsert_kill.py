@@ -23,7 +23,7 @@ KILLS = 6
 OVERLAP = UpsertSettings.__dataclass_fields__["overlap_minutes"].default
 
 
-@pytest.mark.timeout(600)  # a hang guard: each killed run waits for its own paid request, however slow
+@pytest.mark.timeout(1200)  # a hang guard: ~40 s idle; each killed run waits for its own paid request
 def test_killed_upserts_lose_nothing_and_rebuy_at_most_one_chunk_per_kill(tmp_path):
     clock = ScaledClock(60.0)  # one real second is one simulated minute: ~10 new deals per second
     db_path = tmp_path / "upsert_kill.duckdb"
