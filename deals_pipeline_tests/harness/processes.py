@@ -114,7 +114,8 @@ def run_and_kill_at(cmd: Sequence[str], env: dict[str, str], *, event: Callable[
         return False
 
 
-def run_to_completion(cmd: Sequence[str], env: dict[str, str], *, timeout: float = 300.0) -> None:
-    """Run ``cmd`` until it exits; it must succeed."""
+def run_to_completion(cmd: Sequence[str], env: dict[str, str], *, timeout: float = 900.0) -> None:
+    """Run ``cmd`` until it exits; it must succeed. ``timeout`` is a hang guard only (a Dagster page run
+    needed more than 300 s at a load average of ~30 on 2 cores)."""
     done = subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
