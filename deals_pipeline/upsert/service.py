@@ -22,7 +22,7 @@ from deals_pipeline.clock import Clock
 from deals_pipeline.enrichment import ChunkEnricher, ViabilityRules
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import ConfigError, KeepaError
-from deals_pipeline.keepa.keepa_time import unix_ms_to_keepa_minute
+from deals_pipeline.keepa.keepa_time import keepa_minute_to_datetime, unix_ms_to_keepa_minute
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE, Deal
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.keepa.redact import redact
@@ -50,6 +50,11 @@ class Watermark:
     @classmethod
     def of(cls, deal: Deal) -> "Watermark":
         return cls(int(deal.last_update), deal.asin)
+
+    def __str__(self) -> str:
+        """``2026-12-01 20:16 UTC, ASIN B0VJ7YRFDL``: what logs, metadata and status show."""
+        when = keepa_minute_to_datetime(self.last_update_minute).strftime("%Y-%m-%d %H:%M UTC")
+        return f"{when}, ASIN {self.asin}"
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ class UpsertReport:
 
 
 def _wm_text(wm: Watermark | None) -> str:
-    return "none" if wm is None else f"{wm.last_update_minute}/{wm.asin}"
+    return "none" if wm is None else str(wm)
 
 
 def read_watermark(db: Database, name: str = WATERMARK_NAME) -> Watermark | None:
@@ -150,8 +155,9 @@ class RecentDealsUpdater:
 
     def batch_size(self) -> tuple[int, str]:
         """Deals per run from the *learned* refill rate (a plan upgrade resizes with no config change)."""
-        rate = self.budget.projection().refill_rate
-        per_deal = max(1, int(self.enricher.predicted_cost(1)))
+        projection = self.budget.projection()
+        rate = projection.refill_rate
+        per_deal = max(1, int(self.enricher.predicted_cost(1, cap=projection.cap)))
         size = max_new_deals_per_run(
             rate, mode=self.settings.sizing_mode, interval_s=self.settings.interval_s, tokens_per_deal=per_deal
         )

@@ -32,6 +32,8 @@ from deals_pipeline_tests.harness.processes import (
 )
 from deals_pipeline_tests.harness.waiting import GENEROUS_TIMEOUT_S
 
+pytestmark = pytest.mark.slow  # SIGKILLed subprocesses
+
 CHUNK = 4
 #: Poll interval of an event read from the DuckDB file: slower than chunks commit, so the observer's
 #: read-only opens do not keep the file from the worker.

@@ -7,18 +7,20 @@ import json
 import dagster as dg
 import pytest
 
-from deals_pipeline.backfill.assets import DEAL_PAGE_PARTITIONS, deal_pages
+from deals_pipeline.defs.deal_pages import DEAL_PAGE_PARTITIONS, deal_pages
 from deals_pipeline.clock import SystemClock
 from deals_pipeline.keepa.errors import ConfigError
-from deals_pipeline.resources import (
+from deals_pipeline.defs.resources import (
     DealQueryResource,
     DealsDatabaseResource,
     KeepaResource,
     TokenBudgetResource,
 )
-from deals_pipeline.sensors import deal_pages_sensor, recent_deals_sensor
+from deals_pipeline.defs.sensors import deal_pages_sensor, recent_deals_sensor
 from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
-from deals_pipeline.upsert.assets import recent_deals
+from deals_pipeline.defs.recent_deals import recent_deals
+
+pytestmark = pytest.mark.slow  # Dagster instances and in-process runs
 
 
 def _page_run(partition_key, instance, resources):
@@ -33,7 +35,7 @@ def test_definitions_load_with_every_asset_check_sensor_and_resource():
     assert {"deal_pages", "recent_deals"} <= keys
     assert {s.name for s in repo.sensor_defs} == {"deal_pages_sensor", "recent_deals_sensor"}
     checks = {k.name for k in repo.asset_graph.asset_check_keys}
-    assert {"no_duplicate_asins", "chunk_progress_matches_deals", "token_deficit_within_bounds",
+    assert {"rows_hold_their_own_asin", "chunk_progress_matches_deals", "token_deficit_within_bounds",
             "newest_deal_age", "watermark_not_ahead"} <= checks
     assert DEAL_PAGE_PARTITIONS.get_partition_keys() == [str(p) for p in range(67)]
     assert set(defs.resources) == {"keepa", "database", "token_budget", "query"}
@@ -117,7 +119,7 @@ def test_sensors_skip_when_the_budget_cannot_pay_for_a_chunk(tmp_path):
         resources = _resources(slow, tmp_path / "d.duckdb")
         resources["token_budget"] = TokenBudgetResource(refill_rate_guess=5)
         # Learn the (empty) balance once, as any run's first response would.
-        from deals_pipeline.resources import build_runtime
+        from deals_pipeline.defs.resources import build_runtime
 
         runtime = build_runtime(resources["keepa"], resources["database"], resources["token_budget"], owner="t")
         runtime.budget.sync()
@@ -152,11 +154,15 @@ def test_cli_backfill_runs_a_range_in_order_and_stops_at_the_short_page(sim, tmp
     (home / "dagster.yaml").write_text((root / "dagster_home" / "dagster.yaml").read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEALS_PIPELINE_TIME")}
     env.update(DAGSTER_HOME=str(home), DEALS_PIPELINE_MODE="simulator", KEEPA_SIMULATOR_URL=sim.base_url,
-               DEALS_DB_PATH=str(tmp_path / "cli.duckdb"))
+               DEALS_DB_PATH=str(tmp_path / "cli.duckdb"), COLUMNS="200")
     done = subprocess.run([str(Path(sys.executable).parent / "deals-pipeline"), "backfill", "--pages", "1-5"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line for line in done.stdout.splitlines() if line.startswith("page")]
-    assert lines[0].startswith("page 1: ok complete=True chunks=38/38")
-    assert lines[1].startswith("page 2: ok complete=True chunks=5/5")
+    out = done.stdout.splitlines()
+    lines = [line for line in out if ": complete" in line or "last page" in line]
+    assert lines[0].startswith("page 1: complete, 38/38 chunks, ")
+    assert lines[1].startswith("page 2: complete, 5/5 chunks, ")
     assert lines[-1] == "page 2 is the query's last page: backfill complete"
+    # One progress line per committed chunk, in order.
+    assert [line.split(":")[0] for line in out if " chunk " in line] == (
+        [f"page 1 chunk {i}/38" for i in range(1, 39)] + [f"page 2 chunk {i}/5" for i in range(1, 6)])

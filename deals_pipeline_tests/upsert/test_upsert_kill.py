@@ -12,11 +12,15 @@ import sys
 
 import pytest
 
+import pytest
+
 from deals_pipeline.clock import ScaledClock
 from deals_pipeline.simulator import FaultConfig, KeepaSimulator, SimulatorConfig
 from deals_pipeline.storage import Database
 from deals_pipeline.upsert.service import UpsertSettings, Watermark, read_watermark
 from deals_pipeline_tests.harness.processes import product_requests, run_and_kill_at, run_to_completion, worker_env
+
+pytestmark = pytest.mark.slow  # SIGKILLed subprocesses
 
 CHUNK = 4
 KILLS = 6

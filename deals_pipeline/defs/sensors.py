@@ -11,9 +11,10 @@ import os
 
 import dagster as dg
 
-from deals_pipeline.backfill.assets import deal_pages_job
+from deals_pipeline.defs.deal_pages import deal_pages_job
 from deals_pipeline.budget import BudgetError, Priority
-from deals_pipeline.clock import clock_from_env
+from deals_pipeline.clock import clock_for_database, clock_from_env
+from deals_pipeline.state_paths import require_database
 from deals_pipeline.config import (
     DEFAULT_BACKFILL_SENSOR_INTERVAL_S,
     DEFAULT_UPSERT_INTERVAL_S,
@@ -22,9 +23,9 @@ from deals_pipeline.config import (
 )
 from deals_pipeline.keepa.errors import ConfigError
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE
-from deals_pipeline.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
+from deals_pipeline.defs.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
 from deals_pipeline.storage import DatabaseBusy
-from deals_pipeline.upsert.assets import recent_deals_job
+from deals_pipeline.defs.recent_deals import recent_deals_job
 
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
@@ -41,8 +42,10 @@ def _in_flight(context: dg.SensorEvaluationContext, job_name: str) -> int:
 
 def _budget_gate(keepa, database, token_budget, query, *, priority: Priority, with_page: bool):
     """(db, budget, cost, wait_ms) for one chunk (plus a deal page when ``with_page``). One short read."""
-    db = database.database(data_mode=keepa.data_mode())
-    budget = token_budget.budget(db, clock_from_env(), owner="sensor")
+    mode = keepa.data_mode()
+    require_database(database.path, mode)  # a sensor never creates a real-API database either
+    db = database.database(data_mode=mode)
+    budget = token_budget.budget(db, clock_for_database(db, clock_from_env()), owner="sensor")
     cost = int(budget.costs.products(query.chunk_size, query.product_options()))
     if with_page:
         cost += int(budget.costs.deal_pages())

@@ -1,4 +1,4 @@
-"""`recent_deals`: keep the newest deals fresh (thin: logic is in service.py)."""
+"""`recent_deals`: keep the newest deals fresh (thin: logic is in deals_pipeline/upsert/service.py)."""
 
 
 from datetime import timedelta
@@ -6,13 +6,14 @@ from datetime import timedelta
 import dagster as dg
 
 from deals_pipeline import __version__
-from deals_pipeline.resources import (
+from deals_pipeline.defs.resources import (
     DealQueryResource,
     DealsDatabaseResource,
     KeepaResource,
     TokenBudgetResource,
     build_runtime,
 )
+from deals_pipeline.defs.waits import waits_shown_on
 from deals_pipeline.status import newest_deal_age_minutes
 
 
@@ -32,8 +33,9 @@ def recent_deals(
     token_budget: TokenBudgetResource,
     query: DealQueryResource,
 ) -> dg.MaterializeResult:
-    runtime = build_runtime(keepa, database, token_budget, owner=f"upsert:{context.run_id[:8]}")
-    updater = runtime.recent_deals(query)
+    owner = f"upsert:{context.run_id[:8]}"
+    runtime = build_runtime(keepa, database, token_budget, owner=owner)
+    updater = runtime.recent_deals(query.upsert_settings())
 
     def progress(report) -> None:
         context.log.info(
@@ -41,7 +43,8 @@ def recent_deals(
             f"{report.tokens_spent} tokens, watermark {report.watermark_after}"
         )
 
-    report = updater.run(deadline_ms=runtime.deadline_ms, run_id=context.run_id[:12], on_chunk=progress)
+    with waits_shown_on(context, owner, "recent_deals"):
+        report = updater.run(deadline_ms=runtime.deadline_ms, run_id=context.run_id[:12], on_chunk=progress)
     age = newest_deal_age_minutes(runtime.db, runtime.clock)
     metadata = {**report.as_metadata(), "newest_deal_age_minutes": age if age is not None else -1.0,
                 "source": runtime.source, "pipeline_version": __version__}

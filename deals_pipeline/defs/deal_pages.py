@@ -1,4 +1,4 @@
-"""`deal_pages`: one partition per Keepa deal page, one op per chunk (thin: logic is in service.py).
+"""`deal_pages`: one partition per Keepa deal page, one op per chunk (thin: logic is in deals_pipeline/backfill/service.py).
 
 Partitions are static, "0".."66": Keepa serves at most pages 0-66 for a query, so every key is
 known up front, `dagster asset materialize --partition 4` works without registering keys first,
@@ -12,12 +12,14 @@ import dagster as dg
 from deals_pipeline import __version__
 from deals_pipeline.backfill.service import page_count_for
 from deals_pipeline.budget import BudgetDeadline
+from deals_pipeline.defs.waits import waits_shown_on
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE
-from deals_pipeline.resources import (
+from deals_pipeline.progress import ChunkCommitted, publish
+from deals_pipeline.runtime import Runtime
+from deals_pipeline.defs.resources import (
     DealQueryResource,
     DealsDatabaseResource,
     KeepaResource,
-    Runtime,
     TokenBudgetResource,
     build_runtime,
 )
@@ -26,8 +28,12 @@ DEAL_PAGE_PARTITIONS = dg.StaticPartitionsDefinition([str(p) for p in range(MAX_
 NO_CHUNK = -1
 
 
+def _owner(context: dg.OpExecutionContext) -> str:
+    return f"backfill:{context.run_id[:8]}"
+
+
 def _runtime(context: dg.OpExecutionContext, keepa, database, token_budget) -> Runtime:
-    return build_runtime(keepa, database, token_budget, owner=f"backfill:{context.run_id[:8]}")
+    return build_runtime(keepa, database, token_budget, owner=_owner(context))
 
 
 @dg.op(pool="keepa_api", out=dg.DynamicOut(dict), tags={"kind": "keepa"})
@@ -41,9 +47,10 @@ def fetch_page_snapshot(
     """Fetch the page once (or reuse its stored snapshot) and fan out its unfinished chunks."""
     page = int(context.partition_key)
     runtime = _runtime(context, keepa, database, token_budget)
-    backfill = runtime.page_backfill(query)
+    backfill = runtime.page_backfill(query.backfill_settings())
     try:
-        snapshot = backfill.snapshot(page, deadline_ms=runtime.deadline_ms)
+        with waits_shown_on(context, _owner(context), "deal_pages", context.partition_key):
+            snapshot = backfill.snapshot(page, deadline_ms=runtime.deadline_ms)
     except BudgetDeadline as stop:
         context.log.warning(f"page {page}: the page fetch cannot be afforded before the run deadline ({stop})")
         yield dg.DynamicOutput({"chunk": NO_CHUNK, "deadline_ms": runtime.deadline_ms, "deferred": True},
@@ -75,11 +82,16 @@ def process_chunk(
         return {"status": "none", "deferred": bool(work.get("deferred"))}
     page = int(context.partition_key)
     runtime = _runtime(context, keepa, database, token_budget)
-    backfill = runtime.page_backfill(query)
+    backfill = runtime.page_backfill(query.backfill_settings())
     snapshot = backfill.load_snapshot(page)
     if snapshot is None:  # pragma: no cover - fetch_page_snapshot always stores it first
         raise dg.Failure(f"page {page} has no stored snapshot")
-    outcome = backfill.run_chunk(snapshot, work["chunk"], deadline_ms=work["deadline_ms"])
+    with waits_shown_on(context, _owner(context), "deal_pages", context.partition_key) as waits:
+        outcome = backfill.run_chunk(snapshot, work["chunk"], deadline_ms=work["deadline_ms"])
+    chunks_done = snapshot.chunk_count - len(backfill.unfinished_chunks(page))
+    publish(ChunkCommitted(page=page, chunk_index=outcome.chunk_index, chunk_count=snapshot.chunk_count,
+                           status=outcome.status, tokens_spent=outcome.tokens_spent,
+                           deals_stored=outcome.deals_stored, chunks_done=chunks_done))
     context.log.info(
         f"page {page} chunk {outcome.chunk_index + 1}/{snapshot.chunk_count}: {outcome.status}"
         f", {outcome.tokens_spent} tokens, {outcome.deals_stored} stored, {outcome.fresh_skipped} already fresh"
@@ -90,7 +102,9 @@ def process_chunk(
             asset_key="deal_pages",
             partition=context.partition_key,
             metadata={"chunk": outcome.chunk_index, "chunk_status": outcome.status,
-                      "tokens_spent": outcome.tokens_spent, "deals_stored": outcome.deals_stored},
+                      "tokens_spent": outcome.tokens_spent, "deals_stored": outcome.deals_stored,
+                      "chunks_done": chunks_done, "token_waits": len(waits),
+                      "waited": waits[-1].line() if waits else "no visible wait"},
         )
     )
     return {"status": outcome.status, "tokens": outcome.tokens_spent, "stored": outcome.deals_stored,
@@ -109,7 +123,7 @@ def write_page_summary(
     """Write the page summary; fail the run (progress kept) when chunks failed, so they are retried."""
     page = int(context.partition_key)
     runtime = _runtime(context, keepa, database, token_budget)
-    backfill = runtime.page_backfill(query)
+    backfill = runtime.page_backfill(query.backfill_settings())
     snapshot = backfill.load_snapshot(page)
     if snapshot is None:
         yield dg.Output(None, metadata={"page": page, "complete": False, "note": "page not fetched: budget deadline"})
