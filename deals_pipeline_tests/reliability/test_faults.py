@@ -21,8 +21,11 @@ from deals_pipeline.simulator import FaultConfig, SimulatorConfig
 from deals_pipeline.upsert.service import read_watermark
 
 RATES = dict(p_server_error=0.05, p_truncated=0.02, p_timeout=0.01)
-HOLD_S = 0.4  # a "timeout" fault answers after 0.4 s ...
-READ_TIMEOUT_S = 0.2  # ... and the client gives up after 0.2 s
+# The counts below equate client timeouts with injected timeout faults, so an ordinary answer must never
+# be slow enough to time out: on a loaded 2-core box one can take several hundred ms (a 0.2 s read
+# timeout made that a wall-clock race). Each injected timeout costs the test READ_TIMEOUT_S of waiting.
+HOLD_S = 3.0  # a "timeout" fault answers after 3 s ...
+READ_TIMEOUT_S = 1.5  # ... and the client gives up after 1.5 s
 CALLS = 200
 LOST_KINDS = ("timeout", "incomplete_body", "truncated_json", "non_json")  # charged by the server, never seen
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from deals_pipeline.keepa.keepa_time import unix_ms_to_keepa_minute
 from deals_pipeline.simulator import SimulatorConfig
 from deals_pipeline.upsert.service import Watermark, read_watermark
@@ -38,6 +40,9 @@ def test_first_run_takes_the_newest_batch_and_sets_the_watermark(make_stack):
     assert report.pages_fetched == 1
 
 
+# Simulated time costs no wall time (ManualClock), but these runs are CPU-bound: ~30-60 s idle, 260-300+ s
+# at a load average of ~20-30 on 2 cores (past the suite's 300 s hang guard). A larger guard, no window.
+@pytest.mark.timeout(1200)
 def test_a_backlog_is_drained_oldest_first_with_nothing_skipped(make_stack):
     # ~15 changed deals/hour at 5 tokens/min: within what the refill pays for (~25 deals/hour).
     config = SimulatorConfig(refill_rate=5, catalog_size=400, drift_new_per_hour=10, drift_updates_per_hour=5)
@@ -94,6 +99,9 @@ def test_watermark_never_ahead_of_server_clock(make_stack):
         assert wm.last_update_minute <= unix_ms_to_keepa_minute(stack.clock.now_ms())
 
 
+# Simulated time costs no wall time (ManualClock), but these runs are CPU-bound: ~30-60 s idle, 260-300+ s
+# at a load average of ~20-30 on 2 cores (past the suite's 300 s hang guard). A larger guard, no window.
+@pytest.mark.timeout(1200)
 def test_six_simulated_hours_with_drift_and_backfill_every_upsert_completes(make_stack):
     """5 tokens/min, drift on, backfill sharing the budget: the upserter keeps up and loses nothing."""
     from deals_pipeline_tests.harness.simulation import simulate
