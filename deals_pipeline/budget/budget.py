@@ -300,7 +300,7 @@ class _State:
 
 
 # In flight = not yet in the stored server status: no envelope of its own observed (server_ts_ms NULL),
-# not released, not expired. Settled-without-envelope and failed rows count until the next stored status.
+# not released, not expired. Settled-without-envelope and unknown rows count until the next stored status.
 _PENDING_SQL = """
 SELECT
     COALESCE(SUM(CASE WHEN state = 'settled' THEN COALESCE(actual, predicted) ELSE predicted END), 0),
@@ -308,8 +308,12 @@ SELECT
 FROM token_ledger
 WHERE server_ts_ms IS NULL
   AND expires_ms > ?
-  AND state IN ('reserved', 'settled', 'failed')
+  AND state IN ('reserved', 'settled', 'unknown', 'failed')
 """
+
+#: Ledger states of a request whose response never arrived intact: its charge is unknown until the
+#: next stored envelope re-bases it (``'failed'`` is the name older databases used).
+UNKNOWN_STATES = ("unknown", "failed")
 
 
 @dataclass(frozen=True)
@@ -479,19 +483,58 @@ class TokenBudget:
             stored_is_sane = ts <= now_ms + FUTURE_STATUS_TOLERANCE_MS
             if stored_is_sane and (status.timestamp_ms < ts or (status.timestamp_ms == ts and status.tokens_left > left)):
                 return False
+        if row is not None:
+            self._infer_unknown_charges(con, status)
         con.execute(
             "INSERT OR REPLACE INTO token_server_status (id, tokens_left, refill_in_ms, refill_rate, timestamp_ms, recorded_at_ms)"
             " VALUES (1, ?, ?, ?, ?, ?)",
             [status.tokens_left, status.refill_in_ms, status.refill_rate, status.timestamp_ms, now_ms],
         )
         con.execute(
-            "UPDATE token_ledger SET server_ts_ms = ? WHERE server_ts_ms IS NULL AND state IN ('settled', 'failed')",
+            "UPDATE token_ledger SET server_ts_ms = ? WHERE server_ts_ms IS NULL AND state = 'settled'",
             [status.timestamp_ms],
         )
         con.execute("UPDATE budget_state SET sync_requested_ms = NULL WHERE id = 1 AND sync_requested_ms IS NOT NULL")
         if row is None:
             log.info("token status known: balance %d, rate %d/min", status.tokens_left, status.refill_rate)
         return True
+
+    def _infer_unknown_charges(self, con: duckdb.DuckDBPyConnection, new: TokenStatus) -> None:
+        """Re-base requests whose response never arrived: their charge is what the balance says is missing.
+
+        Between the stored status (balance L0 at t0) and ``new`` (L1 at t1) the server refilled on its
+        fixed schedule and charged every request answered in (t0, t1] (their envelopes are in the
+        ledger) plus the unanswered ones. So ``unknown = project(L0 -> t1) - known - L1``, exact while
+        the bucket stays below its cap (refills above the cap are lost and the split is then a lower
+        bound). Several unknown rows share it in proportion to their predictions.
+        """
+        unknown = con.execute(
+            "SELECT reservation_id, predicted FROM token_ledger WHERE state IN ('unknown', 'failed') "
+            "AND server_ts_ms IS NULL ORDER BY created_ms, reservation_id"
+        ).fetchall()
+        if not unknown:
+            return
+        old_row = con.execute("SELECT tokens_left, refill_in_ms, refill_rate, timestamp_ms FROM token_server_status WHERE id = 1").fetchone()
+        old = TokenStatus(tokens_left=int(old_row[0]), refill_in_ms=int(old_row[1]), refill_rate=int(old_row[2]),
+                          timestamp_ms=int(old_row[3]))
+        projected, _ = project_server_balance(old, new.timestamp_ms)
+        known = con.execute(
+            "SELECT COALESCE(SUM(actual), 0) FROM token_ledger WHERE state NOT IN ('released', 'unknown', 'failed') "
+            "AND actual IS NOT NULL AND ((server_ts_ms > ? AND server_ts_ms <= ?) OR (server_ts_ms IS NULL AND state = 'settled'))",
+            [old.timestamp_ms, new.timestamp_ms],
+        ).fetchone()[0]
+        missing = max(0, int(projected) - int(known) - new.tokens_left)
+        weights = [max(1, int(r[1])) for r in unknown]
+        left = missing
+        for i, (rid, _predicted) in enumerate(unknown):
+            share = left if i == len(unknown) - 1 else missing * weights[i] // sum(weights)
+            left -= share
+            con.execute(
+                "UPDATE token_ledger SET state = 'inferred', actual = ?, server_ts_ms = ?, settled_ms = COALESCE(settled_ms, ?) "
+                "WHERE reservation_id = ?",
+                [share, new.timestamp_ms, self.clock.now_ms(), rid],
+            )
+        log.info("re-based %d unanswered request(s) from the next envelope: %d tokens charged", len(unknown), missing)
 
     def _request_sync(self, con: duckdb.DuckDBPyConnection, now_ms: int) -> None:
         if con.execute("SELECT 1 FROM budget_state WHERE id = 1").fetchone() is None:
@@ -712,8 +755,7 @@ class TokenBudget:
         now = self.clock.now_ms()
 
         def run(c: duckdb.DuckDBPyConnection) -> None:
-            if status is not None:
-                self._store_status(c, status, now)
+            # The row first: a newer status re-bases unanswered requests from the charges it knows of.
             sets = ["actual = COALESCE(?, actual)"]
             params: list[Any] = [actual]
             if status is not None:
@@ -725,10 +767,12 @@ class TokenBudget:
                 params += [final_state, now]
             params.append(reservation.id)
             c.execute(
-                f"UPDATE token_ledger SET {', '.join(sets)} WHERE reservation_id = ? AND state IN ('reserved', 'failed')",
+                f"UPDATE token_ledger SET {', '.join(sets)} WHERE reservation_id = ? AND state IN ('reserved', 'unknown', 'failed')",
                 params,
             )
-            if final_state == "failed":
+            if status is not None:
+                self._store_status(c, status, now)
+            if final_state in UNKNOWN_STATES:
                 self._request_sync(c, now)
             self._refresh_recharge(c, now)
 
@@ -757,12 +801,13 @@ class TokenBudget:
 
     def record_failure(self, reservation: Reservation, status: TokenStatus | None = None) -> None:
         """The request failed. With an envelope, it is settled at its ``tokensConsumed``. Without one
-        the charge is unknown: the reservation keeps counting until a newer status arrives (or it
-        expires) and ``needs_sync()`` turns true (H3)."""
+        the charge is unknown (state ``'unknown'``): the reservation keeps counting until a newer status
+        arrives, which re-bases it to what the server really charged (state ``'inferred'``), and
+        ``needs_sync()`` turns true (H3) so that status comes from the free ``/token`` call at once."""
         if status is not None:
             self._record_response(reservation, status, actual=status.tokens_consumed, final_state="settled")
         else:
-            self._record_response(reservation, None, actual=None, final_state="failed")
+            self._record_response(reservation, None, actual=None, final_state="unknown")
 
     def call(
         self,
@@ -775,6 +820,7 @@ class TokenBudget:
         detail: str = "",
         max_429: int = 5,
         settle_now: bool = True,
+        on_result: Callable[[T, Reservation], None] | None = None,
     ) -> tuple[T, Reservation]:
         """acquire -> ``fn()`` -> observe its status -> settle (unless ``settle_now=False``).
 
@@ -783,7 +829,9 @@ class TokenBudget:
         (bounded by ``deadline_ms``) and retry the same request; after ``max_429`` of them the last
         429 is re-raised. With ``settle_now=False`` the response's status and ``tokensConsumed`` are
         recorded at once (so the spend is never double-counted) and the caller settles later in its
-        own transaction: ``settle(reservation, actual, con=con)``.
+        own transaction: ``settle(reservation, actual, con=con)``. ``on_result(result, reservation)`` runs
+        as soon as a response is in hand, before any database work (the paid-response spool writes it
+        to disk there, so a busy database cannot lose it).
         """
         n429 = 0
         while True:
@@ -806,6 +854,8 @@ class TokenBudget:
             except BaseException:
                 self.record_failure(res, None)
                 raise
+            if on_result is not None:
+                on_result(result, res)
             status = _status_of(result)
             if status is None:
                 log.warning("%s: response without a token envelope; state unknown until the next status", purpose)
@@ -832,7 +882,7 @@ class TokenBudget:
                               COALESCE(SUM(actual) FILTER (WHERE state <> 'released'), 0),
                               COALESCE(SUM(predicted) FILTER (WHERE actual IS NOT NULL AND state <> 'released'), 0),
                               COUNT(*) FILTER (WHERE state = 'released'),
-                              COUNT(*) FILTER (WHERE state = 'failed'),
+                              COUNT(*) FILTER (WHERE state IN ('unknown', 'failed')),
                               COUNT(*) FILTER (WHERE state = 'reserved' AND actual IS NULL)
                        FROM token_ledger GROUP BY {key} ORDER BY 1"""
                 ).fetchall()

@@ -38,6 +38,8 @@ WATERMARK_NAME = "recent_deals"
 #: re-read below the watermark never reaches under it (else the first runs would treat the whole
 #: unstored history just below the first batch as "late arrivals").
 FLOOR_NAME = "recent_deals_floor"
+#: Spool scopes of the upserter's paid responses (one per run and chunk).
+SPOOL_PREFIX = "upsert-"
 
 
 @dataclass(frozen=True, order=True)
@@ -235,6 +237,11 @@ class RecentDealsUpdater:
         return changed, server_minute
 
     def _run(self, report: UpsertReport, deadline_ms: int | None, on_chunk) -> None:
+        # Paid responses an earlier run could not commit (busy database, killed run) are stored first,
+        # so they are skipped as fresh below instead of bought again.
+        _, replay_new, replay_updated = self.enricher.replay_orphans(SPOOL_PREFIX)
+        report.deals_new += replay_new
+        report.deals_updated += replay_updated
         changed, server_minute = self._fetch_changed(report, deadline_ms)
         report.candidates = len(changed)
         if report.watermark_before is None:
@@ -251,7 +258,8 @@ class RecentDealsUpdater:
             chunk = selected[start : start + size]
             plan = self.enricher.plan(chunk)
             fetched = self.enricher.fetch(
-                plan.to_fetch, deadline_ms=deadline_ms, detail=f"upsert {report.run_id} chunk {start // size}"
+                plan.to_fetch, deadline_ms=deadline_ms, detail=f"upsert {report.run_id} chunk {start // size}",
+                scope=f"{SPOOL_PREFIX}{report.run_id}-c{start // size}", deals=chunk,
             )
             if fetched.status is not None:
                 server_minute = max(server_minute, unix_ms_to_keepa_minute(fetched.status.timestamp_ms))
@@ -275,6 +283,7 @@ class RecentDealsUpdater:
                         "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?)",
                         [WATERMARK_NAME, target.last_update_minute, target.asin, utcnow()],
                     )
+            self.enricher.consumed(fetched)
             report.deals_new += new
             report.deals_updated += updated
             report.fresh_skipped += len(plan.fresh)
