@@ -186,7 +186,10 @@ class RecentDealsUpdater:
             # Progress committed so far stays; the watermark is where the last committed chunk put it.
             report.status = "failed"
             report.error = redact(f"{type(exc).__name__}: {exc}")[:500]
-        self._record_run(report, started=False)
+        try:
+            self._record_run(report, started=False)
+        except DatabaseBusy as exc:  # the run's outcome is in its report; its paid data is spooled
+            log.warning("upsert run %s: could not record its end (%s)", report.run_id, redact(str(exc))[:200])
         if report.status == "failed":
             log.warning("upsert run %s failed after %d chunks: %s", report.run_id, report.chunks_done, report.error)
         return report
