@@ -81,7 +81,7 @@ def run_plain(sim_url: str, db_path: str, page: int, stats: dict) -> dict:
     from deals_pipeline.storage import Database
 
     # What KeepaResource(mode="simulator") / DealsDatabaseResource / TokenBudgetResource / DealQueryResource()
-    # resolve to (resources.py), built without Dagster.
+    # resolve to (defs/resources.py), built without Dagster.
     clock = SystemClock()
     client = KeepaClient("simulator-demo-key", base_url=sim_url, domain=1, clock=clock, timeout_s=(5.0, 60.0),
                          max_attempts=4)
@@ -105,8 +105,8 @@ def run_plain(sim_url: str, db_path: str, page: int, stats: dict) -> dict:
 def run_dagster(sim_url: str, db_path: str, page: int, stats: dict) -> dict:
     import dagster as dg
 
-    from deals_pipeline.backfill.assets import deal_pages, deal_pages_job
-    from deals_pipeline.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
+    from deals_pipeline.defs.deal_pages import deal_pages, deal_pages_job
+    from deals_pipeline.defs.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
     from deals_pipeline.storage import Database
 
     resources = {
@@ -141,8 +141,8 @@ def main() -> None:
     if mode == "dagster":
         import dagster  # noqa: F401
 
-        import deals_pipeline.backfill.assets  # noqa: F401
-        import deals_pipeline.resources  # noqa: F401
+        import deals_pipeline.defs.deal_pages  # noqa: F401
+        import deals_pipeline.defs.resources  # noqa: F401
     import deals_pipeline.enrichment  # noqa: F401
     import deals_pipeline.keepa.client  # noqa: F401
 

@@ -40,7 +40,7 @@ def cmd_simulator(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from deals_pipeline.resources import default_resources
+    from deals_pipeline.defs.resources import default_resources
     from deals_pipeline.clock import clock_from_env
     from deals_pipeline.status import collect_health
     from deals_pipeline.storage import DatabaseBusy

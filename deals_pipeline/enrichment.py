@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import duckdb
 import pandas as pd
 
-from deals_pipeline.budget import BudgetDeadline, Priority, Reservation, TokenBudget
+from deals_pipeline.budget import BudgetDeadline, CostEstimate, Priority, Reservation, Thresholds, TokenBudget
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import ConfigError, MalformedPayload, ResponseLost
 from deals_pipeline.keepa.models import Deal, Product, ProductPage, TokenStatus
@@ -205,35 +205,36 @@ class ChunkEnricher:
             (plan.to_fetch if verdict.viable else plan.filtered).append(deal.asin)
         return plan
 
-    def predicted_cost(self, asin_count: int) -> int:
-        return self.budget.costs.products(asin_count, self.options)
+    def predicted_cost(self, asin_count: int, *, cap: int | None = None) -> CostEstimate:
+        """Predicted /product cost of ``asin_count`` ASINs (clamped to ``cap``, or to the live cap if None)."""
+        return self.budget.costs.products(asin_count, self.options, cap=cap)
 
-    def split_limit(self) -> int:
+    def split_limit(self, limits: Thresholds) -> int:
         """Largest worst-case cost one request may plan: the spending rule's ceiling for this priority
         (``cap - upsert_reserve + max_deficit`` for the backfill), so even a request whose every offer
         page is found leaves the balance at or above ``-max_deficit``."""
-        th = self.budget.thresholds()
-        reserve = th.upsert_reserve if self.priority == Priority.BACKFILL else 0
-        return max(1, min(th.cap, th.cap - reserve + th.max_deficit))
+        reserve = limits.upsert_reserve if self.priority == Priority.BACKFILL else 0
+        return max(1, min(limits.cap, limits.cap - reserve + limits.max_deficit))
 
-    def requests_for(self, asins: Sequence[str]) -> list[list[str]]:
+    def requests_for(self, asins: Sequence[str], limits: Thresholds) -> list[list[str]]:
         """Split ``asins`` so every request stays affordable within the bucket (HAZARDS #9/#44/#48).
 
-        Sized from the WORST-case cost (every offer page found), not the calibrated average: a
-        42-ASIN request predicted at 7 per ASIN once cost 408 tokens and took the balance to -113,
-        past ``max_deficit``. A chunk of 4 always fits in one request.
+        ``limits``: the policy at the live refill rate (``budget.thresholds()``). Sized from the
+        WORST-case cost (every offer page found), not the calibrated average: a 42-ASIN request
+        predicted at 7 per ASIN once cost 408 tokens and took the balance to -113, past
+        ``max_deficit``. A chunk of 4 always fits in one request.
         """
         if not asins:
             return []
-        limit = self.split_limit()
+        limit = self.split_limit(limits)
         per_asin = max(1, self.budget.costs.worst_case_products(1, self.options))
         if per_asin * len(asins) <= limit:
             return [list(asins)]
         per_request = max(1, limit // per_asin)
         return [list(asins[i : i + per_request]) for i in range(0, len(asins), per_request)]
 
-    def _cost_for(self, batch: Sequence[str], split: bool) -> Any:
-        estimate = self.predicted_cost(len(batch))
+    def _cost_for(self, batch: Sequence[str], split: bool, limits: Thresholds) -> CostEstimate:
+        estimate = self.predicted_cost(len(batch), cap=limits.cap)
         if not split:
             return estimate
         # A split request reserves its worst case, so the plan never goes past max_deficit.
@@ -270,7 +271,8 @@ class ChunkEnricher:
         if fetched.replayed:
             log.info("%s: replaying %d spooled paid response(s) instead of paying again", detail, fetched.replayed)
         remaining = [a for a in asins if a not in fetched.products]
-        queue = self.requests_for(remaining)
+        limits = self.budget.thresholds()
+        queue = self.requests_for(remaining, limits)
         split = len(queue) > 1
         lost = 0
         while queue:
@@ -284,7 +286,7 @@ class ChunkEnricher:
             try:
                 self.budget.call(
                     lambda batch=batch: self.client.products(batch, self.options),
-                    cost=self._cost_for(batch, split),
+                    cost=self._cost_for(batch, split, limits),
                     purpose="product",
                     priority=self.priority,
                     deadline_ms=deadline_ms,

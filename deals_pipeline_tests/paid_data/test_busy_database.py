@@ -148,8 +148,9 @@ def test_split_chunk_keeps_paid_batches_when_the_file_is_held(make_stack, holder
     snapshot = backfill.snapshot(0)
     asins = snapshot.chunk_asins[0]
     enricher = backfill.enricher
-    requests = enricher.requests_for(list(asins))
-    limit = enricher.split_limit()
+    limits = stack.budget.thresholds()
+    requests = enricher.requests_for(list(asins), limits)
+    limit = enricher.split_limit(limits)
     assert len(requests) == 3 and sum(map(len, requests)) == 50
     assert all(stack.budget.costs.worst_case_products(len(r), enricher.options) <= limit for r in requests)
     first_two = len(requests[0]) + len(requests[1])
