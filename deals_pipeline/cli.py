@@ -1,4 +1,4 @@
-"""`deals-pipeline`: simulator, status (System Health), backfill a page range, demo."""
+"""`deals-pipeline`: simulator, status (System Health), backfill a page range, demo, query the published copy."""
 
 from __future__ import annotations
 
@@ -153,6 +153,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
             sim.kill()
 
 
+def add_query_command(sub: "argparse._SubParsersAction") -> None:
+    """`deals-pipeline query "SQL"`: read the published copy (never the pipeline's own file)."""
+    query = sub.add_parser("query", help="run SQL on the published read-only copy (table current_deals, deals)")
+    query.add_argument("sql", help='e.g. "SELECT asin, title, price_now_usd, drop_pct_90d FROM current_deals LIMIT 20"')
+    query.add_argument("--db", help=f"pipeline database path (default: ${ENV_DB_PATH} or data/deals.duckdb)")
+    query.add_argument("--csv", action="store_true", help="CSV output instead of a table")
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Print the result of ``args.sql`` on ``<db>.published.duckdb``; exit 2 when nothing is published."""
+    import duckdb
+
+    from deals_pipeline.storage.publish import published_path
+
+    db_path = Path(args.db or os.environ.get(ENV_DB_PATH) or "data/deals.duckdb")
+    path = published_path(db_path)
+    if not path.exists():
+        print(f"deals-pipeline query: nothing published yet at {path} (it appears after the first committed chunk)",
+              file=sys.stderr)
+        return 2
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        relation = con.sql(args.sql)
+        if relation is None:
+            return 0
+        if args.csv:
+            relation.df().to_csv(sys.stdout, index=False)
+        else:
+            print(relation.df().to_string(index=False, max_colwidth=60))
+    except duckdb.Error as exc:
+        print(f"deals-pipeline query: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        con.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deals-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,12 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--refill-rate", type=int, default=5)
     demo.add_argument("--time-scale", type=float, default=600.0)
     demo.add_argument("--catalog-size", type=int, default=800)
+    add_query_command(sub)
     args, rest = parser.parse_known_args(argv)
     if args.command == "simulator":
         return cmd_simulator(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"status": cmd_status, "backfill": cmd_backfill, "demo": cmd_demo}[args.command](args)
+    return {"status": cmd_status, "backfill": cmd_backfill, "demo": cmd_demo, "query": cmd_query}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from deals_pipeline.keepa.models import DEAL_PAGE_SIZE, MAX_DEAL_PAGE, Deal, Dea
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.keepa.redact import redact
 from deals_pipeline.storage import Database, DatabaseBusy
+from deals_pipeline.storage.publish import DealPublisher, publish_quietly
 from deals_pipeline.storage.repository import utcnow
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,11 @@ class PageBackfill:
         *,
         clock: Clock,
         source: str,
+        publisher: DealPublisher | None = None,
     ) -> None:
         self.db = db
+        #: Publishes the read-only copy for readers after commits (throttled) and at each page summary.
+        self.publisher = publisher if publisher is not None else DealPublisher(db)
         self.client = client
         self.budget = budget
         self.settings = settings
@@ -317,6 +321,7 @@ class PageBackfill:
             # The paid responses stay spooled: the rerun stores them without paying again.
             return self._record_failure(page, chunk_index, exc)
         self.enricher.consumed(fetched)
+        publish_quietly(self.publisher, force=False)
         return ChunkOutcome(
             page, chunk_index, "done", tokens_spent=tokens, deals_stored=new + updated,
             fresh_skipped=len(plan.fresh), filtered=len(plan.filtered), fetched_asins=tuple(plan.to_fetch),
@@ -371,6 +376,7 @@ class PageBackfill:
                 [page, self.fingerprint, "complete" if summary.complete else "partial", summary.chunks_total,
                  summary.chunks_done, summary.deals_on_page, summary.is_last, summary.tokens_spent, utcnow()],
             )
+        publish_quietly(self.publisher, force=True)
         return summary
 
     # -- the whole page, for the CLI runner, tests and benchmarks --------------------------------

@@ -29,6 +29,7 @@ from deals_pipeline.keepa.redact import redact
 import duckdb
 
 from deals_pipeline.storage import Database, DatabaseBusy
+from deals_pipeline.storage.publish import DealPublisher, publish_quietly
 from deals_pipeline.storage.repository import stored_deals, utcnow
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,11 @@ class RecentDealsUpdater:
         *,
         clock: Clock,
         source: str,
+        publisher: DealPublisher | None = None,
     ) -> None:
         self.db = db
+        #: Publishes the read-only copy for readers at the end of every run that stored something.
+        self.publisher = publisher if publisher is not None else DealPublisher(db)
         self.client = client
         self.budget = budget
         self.settings = settings
@@ -191,6 +195,8 @@ class RecentDealsUpdater:
             self._record_run(report, started=False)
         except DatabaseBusy as exc:  # the run's outcome is in its report; its paid data is spooled
             log.warning("upsert run %s: could not record its end (%s)", report.run_id, redact(str(exc))[:200])
+        if report.deals_new or report.deals_updated:
+            publish_quietly(self.publisher, force=True)
         if report.status == "failed":
             log.warning("upsert run %s failed after %d chunks: %s", report.run_id, report.chunks_done, report.error)
         return report

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from deals_pipeline.budget import BudgetPolicy
 from deals_pipeline.simulator import SimulatorConfig
 from deals_pipeline.simulator.server import FaultConfig
@@ -24,6 +26,7 @@ def _ledger(stack, sql: str):
         return con.execute(sql).fetchall()
 
 
+@pytest.mark.timeout(1800)  # >200 paid requests, each a few DuckDB transactions: minutes on a busy 2-core box
 def test_ledger_equals_server_charges_with_truncation_timeouts_and_5xx(make_stack) -> None:
     stack = make_stack(
         config=SimulatorConfig(refill_rate=5, seed=21, catalog_size=900, faults=FAULTS),
