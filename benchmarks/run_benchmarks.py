@@ -47,7 +47,7 @@ from deals_pipeline.budget import BudgetPolicy, TokenBudget  # noqa: E402
 from deals_pipeline.clock import ManualClock, SystemClock  # noqa: E402
 from deals_pipeline.keepa.client import KeepaClient  # noqa: E402
 from deals_pipeline.keepa.models import DealPage  # noqa: E402
-from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig  # noqa: E402
+from deals_pipeline.simulator import CALIBRATED_CHURN, KeepaSimulator, SimulatorConfig  # noqa: E402
 from deals_pipeline.storage import Database  # noqa: E402
 from deals_pipeline.storage import db as db_module  # noqa: E402
 from deals_pipeline.storage.repository import DEAL_COLUMNS, deal_rows, stored_deals, upsert_deals, utcnow  # noqa: E402
@@ -143,7 +143,7 @@ def instrument_products(sim: KeepaSimulator) -> list[tuple]:
         out = real(asin, req, now_ms, domain_id=domain_id)
         deal = catalog.deal(asin)
         log_rows.append((now_ms, asin, None if deal is None else int(deal["lastUpdate"]),
-                         catalog.product_cost(asin, req), ACTOR["who"]))
+                         catalog.product_cost(asin, req, now_ms), ACTOR["who"]))
         return out
 
     catalog.product = product
@@ -165,10 +165,11 @@ def build_stack(tmp: Path, config: SimulatorConfig, name: str) -> Stack:
     return Stack(sim=sim, clock=clock, db=db, client=client, budget=budget, db_path=db_path)
 
 
-def run_simulation(tmp: Path, *, name: str, rate: int, hours: float, catalog_size: int, drift_per_hour: float,
+def run_simulation(tmp: Path, *, name: str, rate: int, hours: float, catalog_size: int, churn_scale: float,
                    initial_tokens: int | None) -> dict:
-    config = SimulatorConfig(refill_rate=rate, initial_tokens=initial_tokens, catalog_size=catalog_size,
-                             drift_new_per_hour=drift_per_hour, drift_updates_per_hour=drift_per_hour)
+    """``churn_scale`` multiplies the simulator's CALIBRATED_CHURN (60 new / 250 updated / 60 expired per hour)."""
+    churn = {k: v * churn_scale for k, v in CALIBRATED_CHURN.items()}
+    config = SimulatorConfig(refill_rate=rate, initial_tokens=initial_tokens, catalog_size=catalog_size, **churn)
     stack = build_stack(tmp, config, name)
     sim, clock = stack.sim, stack.clock
     try:
@@ -271,7 +272,7 @@ def run_simulation(tmp: Path, *, name: str, rate: int, hours: float, catalog_siz
 
     return {
         "name": name, "rate": rate, "hours_requested": hours, "sim_hours": sim_hours,
-        "catalog_size": catalog_size, "drift_per_hour": drift_per_hour,
+        "catalog_size": catalog_size, "churn": churn,
         "initial_tokens": initial, "refills": refills, "refill_tokens": refill_gross, "available": available,
         "consumed": consumed, "balance_end": balance_end, "lost_to_cap": lost_to_cap,
         "product_tokens": product_tokens, "product_fetches": product_fetches,
@@ -610,7 +611,7 @@ def render(m: dict, main: dict, scaling: list[dict], dense: list[dict], orch: di
     a("## 1. Token utilisation (24 simulated hours, 5 tokens/min, drift on, backfill + upserter)")
     a("")
     a(f"Setup: `SimulatorConfig(refill_rate={main['rate']}, catalog_size={main['catalog_size']}, "
-      f"drift_new_per_hour={main['drift_per_hour']:g}, drift_updates_per_hour={main['drift_per_hour']:g})` (full initial "
+      + ", ".join(f"{k}={v:g}" for k, v in main["churn"].items()) + ")` (calibrated churn, full initial "
       f"bucket, no faults), `harness.simulation.simulate(stack, hours={main['hours_requested']:g}, upsert_interval_min=5)` "
       "on a `ManualClock`, stack wired like the `make_stack` fixture (default `BudgetPolicy`, chunk size 4, "
       "`/product` offers=20 + rating + stats=90). Simulated window actually covered: "
@@ -777,8 +778,8 @@ def render(m: dict, main: dict, scaling: list[dict], dense: list[dict], orch: di
       "shorter windows to keep the whole benchmark under ~10 minutes (24 simulated hours would take about "
       + " and ".join(f"{r['wall_per_sim_hour_s'] * 24 / 60:.0f} min at {r['rate']}/min" for r in scaling[1:])
       + " on this machine) and start from an **empty bucket**, so a short window measures the refill and not a "
-      "starting balance worth an hour of refill. Drift is scaled with the rate, so the same share of the budget goes "
-      "to changed deals. The catalog is the same 800 deals plus drift. Every window ends 1 ms before the refill "
+      "starting balance worth an hour of refill. Churn is the calibrated churn scaled with the rate, so the same share "
+      "of the budget goes to changed deals. The catalog is the same 800 deals plus churn. Every window ends 1 ms before the refill "
       "that would land on its last instant, because the pipeline could not spend that refill.")
     a("")
     header = ["", *[f"{r['rate']}/min" for r in scaling]]
@@ -790,7 +791,7 @@ def render(m: dict, main: dict, scaling: list[dict], dense: list[dict], orch: di
 
     row("simulated window", lambda r: f"{r['sim_hours']:.2f} h")
     row("initial bucket", lambda r: f(r["initial_tokens"]))
-    row("drift (new + updated deals / h)", lambda r: f"{r['drift_per_hour']:g} + {r['drift_per_hour']:g}")
+    row("churn (new + updated + expired deals / h)", lambda r: " + ".join(f"{v:g}" for v in r["churn"].values()))
     row("tokens available / consumed", lambda r: f"{f(r['available'])} / {f(r['consumed'])}")
     row("enriched deals stored", lambda r: f(r["enriched_stored"]))
     row("**tokens per enriched deal** (all-in)", lambda r: f"{r['tokens_per_enriched_deal']:.2f}")
@@ -879,7 +880,7 @@ def main() -> None:
         tmp = Path(tmpdir)
         log("1+2. 24 simulated hours at 5 tokens/min (backfill + upserter, drift on)")
         main_run = run_simulation(tmp, name="main", rate=5, hours=0.5 if q else 24, catalog_size=800,
-                                  drift_per_hour=6, initial_tokens=None)
+                                  churn_scale=1.0, initial_tokens=None)
         log(f"  done: {main_run['wall_s']:.0f}s wall, utilisation {main_run['util_all_in']:.3f} / "
             f"{main_run['util_physical']:.3f}, age max {main_run['age_max']}")
         scaling = [main_run]
@@ -887,7 +888,7 @@ def main() -> None:
             hours = hours / 4 if q else hours
             log(f"5. scaling: {rate} tokens/min for {hours * 60:.0f} simulated minutes")
             r = run_simulation(tmp, name=f"rate{rate}", rate=rate, hours=hours, catalog_size=800,
-                               drift_per_hour=6 * rate / 5, initial_tokens=0)
+                               churn_scale=rate / 5, initial_tokens=0)
             log(f"  done: {r['wall_s']:.0f}s wall, {r['enriched_stored']} deals")
             scaling.append(r)
         log("2b. upserter's second run on a sparse vs dense deal list (no drift)")

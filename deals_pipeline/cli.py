@@ -14,6 +14,9 @@ from pathlib import Path
 
 from deals_pipeline.config import ENV_DB_PATH, ENV_MODE, ENV_SIMULATOR_URL
 
+#: The demo hands the simulator its strict key through this variable (never on a command line).
+SIMULATOR_KEY_ENV = "DEALS_SIMULATOR_EXPECTED_KEY"
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = Path("data/demo")
 
@@ -111,11 +114,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dagster_home.mkdir(parents=True)
     shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
     ready = demo_dir / "simulator.json"
+    from deals_pipeline.resources import SIMULATOR_KEY  # the key the pipeline sends in simulator mode
+
     bin_dir = Path(sys.executable).parent
     sim = subprocess.Popen(
         [sys.executable, "-m", "deals_pipeline.simulator.cli", "--port", "0", "--refill-rate", str(args.refill_rate),
          "--time-scale", str(args.time_scale), "--catalog-size", str(args.catalog_size),
-         "--drift-new-per-hour", "6", "--drift-updates-per-hour", "6", "--ready-file", str(ready)],
+         "--expected-key-env", SIMULATOR_KEY_ENV, "--ready-file", str(ready)],
+        # Calibrated churn (the simulator CLI's default) and a strict key: any key but the demo's gets HTTP 400.
+        env={**os.environ, SIMULATOR_KEY_ENV: SIMULATOR_KEY},
     )
     started = time.monotonic()
     try:

@@ -3,10 +3,30 @@
 Plain Python (no Dagster). Lets the whole pipeline run and be tested with no key and no network::
 
     from deals_pipeline.clock import ManualClock
-    from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
+    from deals_pipeline.simulator import CALIBRATED_CHURN, KeepaSimulator, SimulatorConfig
 
-    with KeepaSimulator(SimulatorConfig(refill_rate=5, seed=7), clock=ManualClock()) as sim:
+    clock = ManualClock()
+    with KeepaSimulator(SimulatorConfig(refill_rate=5, seed=7, **CALIBRATED_CHURN), clock=clock) as sim:
         requests.get(f"{sim.base_url}/token", params={"key": "anything"})
+        clock.advance(3_600_000)          # one simulated hour: ~60 new, ~250 updated, ~60 expired deals
+
+Churn (a list that moves), for token-economics and scheduling tests and benchmarks:
+
+* ``SimulatorConfig(drift_new_per_hour=, drift_updates_per_hour=, drift_expired_per_hour=)``: deals listed
+  for the first time, refreshed (new ``lastUpdate`` and prices, so they move in every sort order) and taken
+  off the list, per simulated hour. ``CALIBRATED_CHURN`` = 60 / 250 / 60 (KEEPA_API.md §4.6); ``QUIET`` =
+  0 / 0 / 0, the Python default. The CLI (``python -m deals_pipeline.simulator``), the demo and the
+  benchmarks default to ``CALIBRATED_CHURN``; ``--quiet`` turns it off, ``--drift-*-per-hour`` dial it.
+* Page-boundary repeats and gaps follow from churn between page calls, as in the real samples: a deal
+  inserted above a boundary pushes the last deal of page k to the head of page k+1 (seen twice), a deal
+  moving up across a boundary is missed. Nothing else injects them.
+* ``sort1_orders_by="lastUpdate"`` (default) or ``"creationDate"``: what sortType 1 orders by (unsettled
+  by the samples, KEEPA_API.md §4.2). CLI: ``--sort1-orders-by``.
+* Deterministic: every event derives from ``seed`` and the start time, and becomes visible when the
+  injected clock (deals_pipeline/clock.py) passes its instant; the state at time t does not depend on how
+  often the list was read before t. ``sim.catalog.versions()`` lists every (asin, lastUpdate, visible_from)
+  ever served and ``sim.catalog.expired()`` every expiry, for exact accounting in tests.
+* ``seed`` fixes the catalog and the churn, so figures repeat run to run.
 """
 
 from deals_pipeline.simulator.bucket import TokenBucket
@@ -14,12 +34,15 @@ from deals_pipeline.simulator.catalog import (
     MAX_PAGE,
     MAX_RESULTS,
     PAGE_SIZE,
+    SORT1_FIELDS,
     DealVersion,
     ProductRequest,
     SyntheticCatalog,
 )
 from deals_pipeline.simulator.server import (
+    CALIBRATED_CHURN,
     FAULT_KINDS,
+    QUIET,
     FaultConfig,
     KeepaSimulator,
     SimulatorConfig,
@@ -28,7 +51,10 @@ from deals_pipeline.simulator.server import (
 )
 
 __all__ = [
+    "CALIBRATED_CHURN",
     "FAULT_KINDS",
+    "QUIET",
+    "SORT1_FIELDS",
     "MAX_PAGE",
     "MAX_RESULTS",
     "PAGE_SIZE",

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from deals_pipeline.clock import TIME_SCALE_ENV, Clock, ScaledClock, SystemClock
-from deals_pipeline.simulator.server import FaultConfig, KeepaSimulator, SimulatorConfig
+from deals_pipeline.simulator.catalog import SORT1_FIELDS
+from deals_pipeline.simulator.server import CALIBRATED_CHURN, QUIET, FaultConfig, KeepaSimulator, SimulatorConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,12 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     p.add_argument("--refill-rate", type=int, default=5, help="tokens per minute (cap = 60 x rate)")
-    p.add_argument("--time-scale", type=float, default=60.0, help="simulated seconds per wall second")
+    p.add_argument(
+        "--time-scale", type=float, default=1.0,
+        help="simulated seconds per wall second (default 1: real time, what wall-clock clients such as keepa expect)",
+    )
     p.add_argument("--time-anchor", type=float, default=None, help="wall-clock anchor (s) of the scaled clock")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--catalog-size", type=int, default=800)
-    p.add_argument("--drift-new-per-hour", type=float, default=0.0)
-    p.add_argument("--drift-updates-per-hour", type=float, default=0.0)
+    p.add_argument("--drift-new-per-hour", type=float, default=CALIBRATED_CHURN["drift_new_per_hour"],
+                   help="deals listed for the first time per simulated hour")
+    p.add_argument("--drift-updates-per-hour", type=float, default=CALIBRATED_CHURN["drift_updates_per_hour"],
+                   help="listed deals refreshed per simulated hour")
+    p.add_argument("--drift-expired-per-hour", type=float, default=CALIBRATED_CHURN["drift_expired_per_hour"],
+                   help="listed deals taken off the list per simulated hour")
+    p.add_argument("--quiet", action="store_true", help="no churn: the deal list never moves (overrides --drift-*)")
+    p.add_argument("--sort1-orders-by", choices=SORT1_FIELDS, default="lastUpdate",
+                   help="what sortType 1 (deal age) orders by")
     p.add_argument("--initial-tokens", type=int, default=None, help="default: a full bucket")
     p.add_argument("--offers-pages-max", type=int, default=2)
     p.add_argument("--p-server-error", type=float, default=0.0)
@@ -112,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             initial_tokens=args.initial_tokens,
             seed=args.seed,
             catalog_size=args.catalog_size,
-            drift_new_per_hour=args.drift_new_per_hour,
-            drift_updates_per_hour=args.drift_updates_per_hour,
+            **(QUIET if args.quiet else {
+                "drift_new_per_hour": args.drift_new_per_hour,
+                "drift_updates_per_hour": args.drift_updates_per_hour,
+                "drift_expired_per_hour": args.drift_expired_per_hour,
+            }),
+            sort1_orders_by=args.sort1_orders_by,
             offers_pages_max=args.offers_pages_max,
             expected_key=expected_key,
             faults=faults,
@@ -144,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(
             f"Keepa simulator listening on {sim.base_url} (refill {args.refill_rate}/min, "
-            f"time x{args.time_scale:g}, seed {args.seed})",
+            f"time x{args.time_scale:g}, seed {args.seed}, churn {cfg.drift_new_per_hour:g} new / "
+            f"{cfg.drift_updates_per_hour:g} updated / {cfg.drift_expired_per_hour:g} expired per hour)",
             flush=True,
         )
         while not stop.wait(0.5):

@@ -38,6 +38,7 @@ from deals_pipeline.simulator.catalog import (
     ProductRequest,
     SyntheticCatalog,
 )
+from deals_pipeline.simulator.filters import DealFilter, SelectionError
 
 logger = logging.getLogger("deals_pipeline.simulator")
 
@@ -74,8 +75,30 @@ class FaultConfig:
         return (self.p_server_error + self.p_truncated + self.p_timeout + self.p_malformed) > 0
 
 
+#: Churn calibrated on the real sample runs (KEEPA_API.md §4.6: ~770 deals per query, 20-47 % updated and
+#: 4-11 % new per hour): 60 new (7.8 %), 250 updated (32 %) and 60 expired deals per hour keep an 800-deal
+#: list at a steady size. ``SimulatorConfig(**CALIBRATED_CHURN)``; the CLI, demo and benchmarks use it.
+CALIBRATED_CHURN: dict[str, float] = {
+    "drift_new_per_hour": 60.0,
+    "drift_updates_per_hour": 250.0,
+    "drift_expired_per_hour": 60.0,
+}
+#: No churn: the list only changes when a test says so.
+QUIET: dict[str, float] = {"drift_new_per_hour": 0.0, "drift_updates_per_hour": 0.0, "drift_expired_per_hour": 0.0}
+
+
 @dataclass(frozen=True)
 class SimulatorConfig:
+    """Everything that decides what the simulator serves. Same config + same clock readings = same bytes.
+
+    Churn ("drift"): per simulated hour, ``drift_new_per_hour`` deals are listed for the first time,
+    ``drift_updates_per_hour`` listed deals are refreshed (new ``lastUpdate``, new prices, so they move in the
+    sort order) and ``drift_expired_per_hour`` listed deals leave the list. Events land at seeded instants
+    inside each simulated minute and become visible when the injected clock passes them. The Python default
+    is quiet (all 0, what most unit tests want); :data:`CALIBRATED_CHURN` is the realistic setting.
+    ``sort1_orders_by`` picks what sortType 1 ("deal age") orders by: ``"lastUpdate"`` or ``"creationDate"``.
+    """
+
     refill_rate: int = 5
     #: None = a full bucket (60 x rate).
     initial_tokens: int | None = None
@@ -83,6 +106,8 @@ class SimulatorConfig:
     catalog_size: int = 800
     drift_new_per_hour: float = 0.0
     drift_updates_per_hour: float = 0.0
+    drift_expired_per_hour: float = 0.0
+    sort1_orders_by: str = "lastUpdate"
     #: Offers per ASIN are 1..offers_pages_max*10 (deterministic from seed and ASIN).
     offers_pages_max: int = 2
     #: When set, any other key gets HTTP 400. Never printed (repr=False).
@@ -224,6 +249,8 @@ class KeepaSimulator:
             start_ms=start_ms,
             drift_new_per_hour=self.config.drift_new_per_hour,
             drift_updates_per_hour=self.config.drift_updates_per_hour,
+            drift_expired_per_hour=self.config.drift_expired_per_hour,
+            sort1_orders_by=self.config.sort1_orders_by,
             offers_pages_max=self.config.offers_pages_max,
             future_minute_fraction=self.config.future_minute_fraction,
         )
@@ -342,7 +369,11 @@ class KeepaSimulator:
                 "cap": self.bucket.cap,
                 "now_ms": now,
             }
-            out["catalog"] = {"deals": len(self.catalog), "versions": len(self.catalog.versions())}
+            out["catalog"] = {
+                "deals": len(self.catalog),
+                "versions": len(self.catalog.versions()),
+                "expired": len(self.catalog.expired()),
+            }
             return out
 
     # -- request handling --------------------------------------------------------------------
@@ -574,12 +605,19 @@ class KeepaSimulator:
         if type(pt) is not int or pt not in DEAL_PRICE_TYPES:
             raise _BadRequest("priceTypes[0] must be a supported integer price type")
 
+        try:
+            deal_filter = DealFilter.from_selection(sel, pt, date_range)
+        except SelectionError as exc:
+            raise _BadRequest(str(exc)) from None
+
         if not self.bucket.try_charge(DEAL_PAGE_COST, now):
             return _Reply(429, self._envelope(now))
-        dr = self.catalog.page(page, sort_type=sort_type, date_range=date_range, price_type=pt, now_ms=now)
+        dr = self.catalog.page(
+            page, sort_type=sort_type, date_range=date_range, price_type=pt, now_ms=now, deal_filter=deal_filter
+        )
         self._stats.tokens_consumed += DEAL_PAGE_COST
         self._stats.deal_page_fetches[page] += 1
-        payload = {"dr": dr, **self.catalog.category_summary(now), "drDateIndex": []}
+        payload = {"dr": dr, **self.catalog.category_summary(now, deal_filter), "drDateIndex": []}
         out: dict[str, Any] = {"deals": payload, "dealsCached": False}
         out.update(self._envelope(now, DEAL_PAGE_COST, processing_ms=20 + 3 * len(dr)))
         return _Reply(200, out)
@@ -631,7 +669,7 @@ class KeepaSimulator:
         if not self.bucket.can_serve(now):
             return _Reply(429, self._envelope(now))
         products = [self.catalog.product(a, req, now, domain_id=domain) for a in asins]
-        cost = sum(self.catalog.product_cost(a, req) for a in asins)
+        cost = sum(self.catalog.product_cost(a, req, now) for a in asins)
         self.bucket.charge(cost, now)
         self._stats.tokens_consumed += cost
         for a in asins:
@@ -642,6 +680,8 @@ class KeepaSimulator:
 
 
 __all__ = [
+    "CALIBRATED_CHURN",
+    "QUIET",
     "FAULT_KINDS",
     "FaultConfig",
     "KeepaSimulator",

@@ -97,7 +97,7 @@ def test_expensive_product_goes_negative_then_429_then_wait_then_success(make_si
     r = api.product(asins, offers=20, rating=1)
     assert r.status_code == 200
     consumed = r.json()["tokensConsumed"]
-    assert consumed >= 5 * 7  # >= one offer page (6) + rating (1) per ASIN
+    assert consumed >= 5 * 6  # >= one offer page (6) per ASIN; rating adds up to 1
     assert r.json()["tokensLeft"] == 11 - consumed < 0
     assert sim.bucket.balance() == 11 - consumed
 

@@ -176,7 +176,8 @@ def test_stats_count_everything_and_reset(api, sim, clock):
     s = sim.stats()
     assert s.requests == {"deal": 5, "product": 2, "token": 1, "other": 1}
     assert s.responses == {200: 6, 404: 1, 400: 1, 429: 1}
-    assert s.tokens_consumed == sum(e["tokensConsumed"] for e in envelopes) == 15 + 6 + 1
+    rating = sum(sim.catalog.traits(a, clock.now_ms()).rating_fresh for a in asins)  # rating costs up to 1
+    assert s.tokens_consumed == sum(e["tokensConsumed"] for e in envelopes) == 15 + 3 + rating + 1
     assert s.product_fetches == {asins[0]: 2, asins[1]: 1, asins[2]: 1}
     assert s.deal_page_fetches == {0: 1, 1: 2}
     assert s.rejected_429 == 1 and s["rejected_429"] == 1
@@ -189,7 +190,7 @@ def test_stats_count_everything_and_reset(api, sim, clock):
         "requests": {}, "responses": {}, "tokens_consumed": 0, "product_fetches": {}, "deal_page_fetches": {},
         "faults_injected": {}, "rejected_429": 0,
     }  # fmt: skip
-    assert snapshot.tokens_consumed == 22  # snapshots are copies
+    assert snapshot.tokens_consumed == 15 + 3 + rating + 1  # snapshots are copies
 
 
 def test_key_never_logged_nor_exposed(make_sim, api_for, sentinel_key, caplog):

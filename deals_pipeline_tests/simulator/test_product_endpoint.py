@@ -16,10 +16,10 @@ def sim(make_sim):
 
 
 def _asins_by_offer_pages(sim, n_each=2):
-    """Catalog ASINs grouped by their offer page count (1, 2, 3)."""
+    """Catalog ASINs grouped by their live offer page count (1, 2, 3), with fresh and stale stock/rating."""
     groups: dict[int, list[str]] = {}
     for a in sim.catalog.asins():
-        groups.setdefault(math.ceil(sim.catalog.offer_count(a) / 10), []).append(a)
+        groups.setdefault(math.ceil(sim.catalog.live_offer_count(a) / 10), []).append(a)
     assert set(groups) == {1, 2, 3}
     return {k: v[:n_each] for k, v in groups.items()}
 
@@ -30,17 +30,29 @@ def _consumed(r):
     return r.json()["tokensConsumed"]
 
 
-def test_base_cost_is_one_per_product_plus_rating_and_buybox(api, sim):
-    asins = sim.catalog.asins()[:3]
+def _pick(sim, clock, **want):
+    """The first catalog ASIN whose traits today have the wanted values."""
+    for a in sim.catalog.asins():
+        t = sim.catalog.traits(a, clock.now_ms())
+        if all(getattr(t, k) == v for k, v in want.items()):
+            return a
+    pytest.fail(f"no ASIN with {want}")
+
+
+def test_base_cost_is_one_per_product_plus_rating_and_buybox(api, sim, clock):
+    fresh = _pick(sim, clock, rating_fresh=True)
+    stale = _pick(sim, clock, rating_fresh=False)
+    asins = [fresh, stale, next(a for a in sim.catalog.asins() if a not in (fresh, stale))]
     assert _consumed(api.product(asins)) == 3
     assert _consumed(api.product(asins, stats=90, history=0, days=30, update=1)) == 3  # stats/history/days free
-    assert _consumed(api.product(asins, rating=1)) == 6
+    assert _consumed(api.product([fresh], rating=1)) == 2  # rating costs up to 1: only when fresh (< 14 days)
+    assert _consumed(api.product([stale], rating=1)) == 1
     assert _consumed(api.product(asins, buybox=1, stats=180)) == 9
     assert _consumed(api.product(asins, stock=1)) == 3  # stock needs offers: ignored, free
-    assert _consumed(api.product(asins[:1], rating=1, buybox=1)) == 4
+    assert _consumed(api.product([fresh], rating=1, buybox=1)) == 4
 
 
-def test_offers_cost_six_per_offer_page_found(api, sim):
+def test_offers_cost_six_per_live_offer_page_found(api, sim, clock):
     groups = _asins_by_offer_pages(sim)
     one, two, three = groups[1][0], groups[2][0], groups[3][0]
     assert _consumed(api.product(one, offers=20)) == 6
@@ -48,11 +60,25 @@ def test_offers_cost_six_per_offer_page_found(api, sim):
     assert _consumed(api.product(three, offers=20)) == 12  # capped by offers=20 -> at most 2 pages
     assert _consumed(api.product(three, offers=100)) == 18
     assert _consumed(api.product(three, offers=25)) == 18  # 25 offers need 3 pages of 10
-    assert _consumed(api.product([one, two], offers=20, rating=1)) == 6 + 12 + 2
     assert _consumed(api.product(one, offers=20, buybox=1)) == 6  # buybox is ignored with offers
-    assert _consumed(api.product(one, offers=20, stock=1)) == 8  # stock +2 with offers
+    stock_fresh = _pick(sim, clock, stock_fresh=True, live_offers=sim.catalog.live_offer_count(one))
+    stock_stale = _pick(sim, clock, stock_fresh=False, live_offers=sim.catalog.live_offer_count(one))
+    assert _consumed(api.product(stock_fresh, offers=20, stock=1)) == 8  # +2 when lastStockUpdate < 7 days
+    assert _consumed(api.product(stock_stale, offers=20, stock=1)) == 6
+    # Historical offers are returned but not charged (the real sample: 121 offers for offers=20).
+    p = api.product(one, offers=20).json()["products"][0]
+    assert len(p["offers"]) == sim.catalog.offer_count(one) >= len(p["liveOffersOrder"])
     # The simulator's own accounting agrees with the envelopes.
-    assert sim.stats().tokens_consumed == 6 + 12 + 12 + 18 + 18 + 20 + 6 + 8
+    assert sim.stats().tokens_consumed == 6 + 12 + 12 + 18 + 18 + 6 + 8 + 6 + 6
+
+
+def test_a_product_not_in_keepas_db_costs_zero(api, sim, clock):
+    unknown = next(f"B0{i:08d}" for i in range(10_000) if not sim.catalog.traits(f"B0{i:08d}").in_db)
+    r = api.product(unknown, offers=20, rating=1, stats=90)
+    assert _consumed(r) == 0
+    p = r.json()["products"][0]
+    assert p["asin"] == unknown and p["title"] is None and p["stats"] is None and p["offers"] is None
+    assert all(sim.catalog.traits(a).in_db for a in sim.catalog.asins())  # listed deals always are
 
 
 @pytest.mark.parametrize("offers", ["0", "1", "10", "19", "101", "abc"])
@@ -68,7 +94,9 @@ def test_more_than_100_asins_is_400(api, sim):
     r = api.product(asins)
     assert r.status_code == 400
     assert_envelope(r.json(), consumed=0)
-    assert _consumed(api.product(asins[:100])) == 100
+    in_db = sum(sim.catalog.traits(a).in_db for a in asins[:100])
+    assert 85 <= in_db < 100  # ~5 % of unlisted ASINs are not in Keepa's DB: they cost 0
+    assert _consumed(api.product(asins[:100])) == in_db
     assert api.get("product", domain=1).status_code == 400  # no asin
     assert api.get("product", asin="0000000000").status_code == 400  # no domain
     assert api.get("product", domain=1, code="9780000000002").status_code == 400
