@@ -153,6 +153,7 @@ def upsert_deals(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame) -> tuple[i
                 )
             else:
                 assignments.append(f"{column} = excluded.{column}")
+        assignments.append("inactive_since = NULL")  # listed again (deal page or upsert): active (lifecycle.py)
         con.execute(
             f"INSERT INTO deals BY NAME SELECT * FROM incoming_deals "
             f"ON CONFLICT (asin) DO UPDATE SET {', '.join(assignments)} "
