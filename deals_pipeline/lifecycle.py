@@ -109,21 +109,25 @@ def record_pass(db: Database, report: DiscoveryPassReport, *, started: datetime,
                 policy: LifecyclePolicy) -> None:
     """Store what one pass listed: last_seen of listed deals, and (complete passes only) inactivity."""
     cutoff = now - timedelta(hours=policy.inactive_after_hours)
+    now_ms, cutoff_ms = int(now.timestamp() * 1000), int(cutoff.timestamp() * 1000)
+    # last_seen_ms: the timeline ms every deal-page write records (schema v3); rows older than it fall back
+    # to the last_seen timestamp.
+    seen_ms = "COALESCE(last_seen_ms, epoch_ms(last_seen))"
     listed = sorted(report.listed)
     with db.transaction() as con:
         if listed:
             report.reactivated = int(con.execute(
                 "SELECT count(*) FROM deals WHERE inactive_since IS NOT NULL AND asin IN (SELECT unnest(?))",
                 [listed]).fetchone()[0])
-            con.execute("UPDATE deals SET last_seen = ?, inactive_since = NULL WHERE asin IN (SELECT unnest(?))",
-                        [now, listed])
+            con.execute("UPDATE deals SET last_seen = ?, last_seen_ms = ?, inactive_since = NULL "
+                        "WHERE asin IN (SELECT unnest(?))", [now, now_ms, listed])
         if report.complete:
             report.marked_inactive = int(con.execute(
-                "SELECT count(*) FROM deals WHERE inactive_since IS NULL AND last_seen < ? "
-                "AND NOT list_contains(?, asin)", [cutoff, listed]).fetchone()[0])
+                f"SELECT count(*) FROM deals WHERE inactive_since IS NULL AND {seen_ms} < ? "
+                "AND NOT list_contains(?, asin)", [cutoff_ms, listed]).fetchone()[0])
             con.execute(
-                "UPDATE deals SET inactive_since = ? WHERE inactive_since IS NULL AND last_seen < ? "
-                "AND NOT list_contains(?, asin)", [now, cutoff, listed])
+                f"UPDATE deals SET inactive_since = ? WHERE inactive_since IS NULL AND {seen_ms} < ? "
+                "AND NOT list_contains(?, asin)", [now, cutoff_ms, listed])
         con.execute(
             "INSERT INTO discovery_passes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [report.pass_id, started, now, report.complete, report.pages, report.deals_listed,

@@ -43,12 +43,13 @@ class Stack:
     db_path: Any
     extras: dict = _field(default_factory=dict)
 
-    def backfill(self, *, chunk_size: int = 4, selection: dict | None = None, rules=None, options=None):
+    def backfill(self, *, chunk_size: int = 4, selection: dict | None = None, rules=None, options=None, policy=None):
         from deals_pipeline.backfill.service import BackfillSettings, PageBackfill
-        from deals_pipeline.enrichment import ViabilityRules
+        from deals_pipeline.enrichment import EnrichmentPolicy, ViabilityRules
         from deals_pipeline.keepa.query import DealSelection, ProductOptions
 
         settings = BackfillSettings(
+            policy=policy or EnrichmentPolicy(),
             selection=DealSelection.from_mapping(selection or {"domainId": 1, "priceTypes": [2], "dateRange": 3,
                                                                "sortType": 4}),
             product_options=options or ProductOptions(),
@@ -57,12 +58,13 @@ class Stack:
         )
         return PageBackfill(self.db, self.client, self.budget, settings, clock=self.clock, source="simulator")
 
-    def updater(self, *, chunk_size: int = 4, sizing_mode: str = "default", options=None, rules=None):
-        from deals_pipeline.enrichment import ViabilityRules
+    def updater(self, *, chunk_size: int = 4, sizing_mode: str = "default", options=None, rules=None, policy=None):
+        from deals_pipeline.enrichment import EnrichmentPolicy, ViabilityRules
         from deals_pipeline.keepa.query import DealSelection, ProductOptions
         from deals_pipeline.upsert.service import RecentDealsUpdater, UpsertSettings
 
         settings = UpsertSettings(
+            policy=policy or EnrichmentPolicy(),
             selection=DealSelection.from_mapping({"domainId": 1, "priceTypes": [2], "dateRange": 3, "sortType": 1}),
             product_options=options or ProductOptions(),
             rules=rules or ViabilityRules(),
@@ -100,3 +102,17 @@ def make_stack(tmp_path):
     yield make
     for sim in started:
         sim.stop()
+
+
+# -- test layers: what `make test-fast` (-m "not slow") leaves out -----------------------------------
+
+#: A test using one of these builds the whole stack (simulator + client + DuckDB file + budget) or a
+#: Dagster instance: it proves the parts work together, and it is in the slow layer.
+SLOW_FIXTURES = frozenset({"make_stack", "rec_stack", "seeded_db"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every whole-stack test ``slow`` (explicit ``@pytest.mark.slow`` covers the rest)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -171,6 +171,7 @@ def test_h27_h32_the_backfill_never_outranks_the_upserter() -> None:
                 assert up <= back <= max(th.cap, 1), (rate, cost, recharging)
 
 
+@pytest.mark.slow  # imports Dagster (the run reaper)
 def test_h27_liveness_comes_from_the_process_table_not_from_process_names() -> None:
     """#27: `pgrep` matched `tail -f` (a false "running"); the run reaper checks the pid recorded in the
     run's tags against the process table instead of matching process names."""
@@ -539,6 +540,7 @@ def test_h6_only_live_offers_reach_the_database(make_stack) -> None:
 # -- 6. Operations ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # imports Dagster
 def test_h20_every_run_records_the_code_version() -> None:
     """#20: a stale worker ran old code unnoticed. Each asset carries the package version as code_version
     (and every run's metadata repeats it as `pipeline_version`)."""

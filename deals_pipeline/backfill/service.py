@@ -19,7 +19,7 @@ import duckdb
 
 from deals_pipeline.budget import BudgetDeadline, Priority, TokenBudget
 from deals_pipeline.clock import Clock
-from deals_pipeline.enrichment import ChunkEnricher, FetchedProducts, ViabilityRules
+from deals_pipeline.enrichment import ChunkEnricher, ChunkPlan, EnrichmentPolicy, FetchedProducts, ViabilityRules
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import KeepaError, MalformedPayload
 from deals_pipeline.keepa.models import DEAL_PAGE_SIZE, MAX_DEAL_PAGE, Deal, DealPage
@@ -27,7 +27,7 @@ from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.keepa.redact import redact
 from deals_pipeline.storage import Database, DatabaseBusy
 from deals_pipeline.storage.publish import DealPublisher, publish_quietly
-from deals_pipeline.storage.repository import utcnow
+from deals_pipeline.storage.repository import utcnow, write_deals
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class BackfillSettings:
     product_options: ProductOptions = field(default_factory=ProductOptions)
     rules: ViabilityRules = field(default_factory=ViabilityRules)
     chunk_size: int = 4
+    policy: EnrichmentPolicy = field(default_factory=EnrichmentPolicy)
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= 100:
@@ -162,7 +163,7 @@ class PageBackfill:
         self.price_type = settings.selection.price_types[0]
         self.enricher = ChunkEnricher.for_selection(
             db, client, budget, settings.selection, options=settings.product_options, rules=settings.rules,
-            source=source, origin="backfill", priority=Priority.BACKFILL,
+            source=source, origin="backfill", priority=Priority.BACKFILL, policy=settings.policy,
         )
 
     # -- snapshot -------------------------------------------------------------------------------
@@ -203,6 +204,8 @@ class PageBackfill:
                     "VALUES (?, ?, ?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
                     [[page, self.fingerprint, i, list(asins), now] for i, asins in enumerate(chunks)],
                 )
+            # Lossless discovery: every deal of the paid page is stored with the page (issue 10).
+            write_deals(con, self.enricher.discovery_rows(deal_page.deals))
             self.budget.settle(reservation, deal_page.status.tokens_consumed, deal_page.status, con=con)
         for skipped in deal_page.skipped:
             log.warning("page %d: skipped deal #%d (%s): %s", page, skipped.index, skipped.asin, skipped.reason)
@@ -293,6 +296,15 @@ class PageBackfill:
             plan = self.enricher.plan([by_asin[a] for a in snapshot.chunk_asins[chunk_index]], con)
         detail = f"page {page} chunk {chunk_index}"
         scope = self.chunk_scope(page, chunk_index)
+        screen_tokens = 0
+        if plan.to_screen:
+            try:
+                screen_tokens = self._screen(page, chunk_index, plan, deadline_ms=deadline_ms, detail=detail,
+                                             scope=scope)
+            except BudgetDeadline as stop:
+                return ChunkOutcome(page, chunk_index, "deferred", wait_ms=stop.wait_ms)
+            except (KeepaError, DatabaseBusy, duckdb.Error) as exc:
+                return self._record_failure(page, chunk_index, exc)
         try:
             fetched = self.enricher.fetch(plan.to_fetch, deadline_ms=deadline_ms, detail=detail, scope=scope)
         except BudgetDeadline as stop:
@@ -315,7 +327,8 @@ class PageBackfill:
                     "UPDATE page_chunks SET status = 'done', attempts = attempts + 1, tokens_spent = tokens_spent + ?, "
                     "deals_stored = ?, fresh_skipped = ?, filtered = ?, error = NULL, updated_at = ? "
                     "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
-                    [tokens, new + updated, len(plan.fresh), len(plan.filtered), utcnow(), page, self.fingerprint, chunk_index],
+                    [tokens, new + updated, len(plan.fresh), len(plan.filtered) + len(plan.screened_out), utcnow(), page,
+                     self.fingerprint, chunk_index],
                 )
         except Exception as exc:
             # The paid responses stay spooled: the rerun stores them without paying again.
@@ -323,9 +336,25 @@ class PageBackfill:
         self.enricher.consumed(fetched)
         publish_quietly(self.publisher, force=False)
         return ChunkOutcome(
-            page, chunk_index, "done", tokens_spent=tokens, deals_stored=new + updated,
-            fresh_skipped=len(plan.fresh), filtered=len(plan.filtered), fetched_asins=tuple(plan.to_fetch),
+            page, chunk_index, "done", tokens_spent=tokens + screen_tokens, deals_stored=new + updated,
+            fresh_skipped=len(plan.fresh), filtered=len(plan.filtered) + len(plan.screened_out),
+            fetched_asins=tuple(plan.to_fetch),
         )
+
+    def _screen(self, page: int, chunk_index: int, plan: ChunkPlan, *, deadline_ms: int | None, detail: str,
+                scope: str) -> int:
+        """Stage 1 of a chunk, committed on its own with its spend and the chunk's stage-1 token count:
+        a run killed before stage 2 finds the verdicts stored and never buys stage 1 again."""
+        fetched = self.enricher.screen(plan, deadline_ms=deadline_ms, detail=detail, scope=scope)
+        with self.db.transaction() as con:
+            self.enricher.commit_screen(con, plan, fetched)
+            con.execute(
+                "UPDATE page_chunks SET tokens_spent = tokens_spent + ?, updated_at = ? "
+                "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                [fetched.tokens, utcnow(), page, self.fingerprint, chunk_index],
+            )
+        self.enricher.consumed(fetched)
+        return fetched.tokens
 
     def _record_failure(
         self, page: int, chunk_index: int, exc: Exception, fetched: FetchedProducts | None = None

@@ -436,9 +436,12 @@ class TokenBudget:
         """Largest /product batch whose predicted cost the budget can ever afford (HAZARDS #44/#48)."""
         return self.costs.max_asins_affordable(options, priority=priority, max_asins=max_asins, thresholds=thresholds)
 
-    def forecast(self, pages_remaining: int, asins_remaining: int, options: Any) -> Forecast:
-        """Tokens the remaining work needs and when the learned refill will have paid for it."""
-        return forecast_for(self.projection(), self.costs, pages_remaining, asins_remaining, options)
+    def forecast(self, pages_remaining: int, asins_remaining: int, options: Any, *,
+                 stage1_options: Any | None = None, stage1_pass_rate: float = 1.0) -> Forecast:
+        """Tokens the remaining work needs and when the learned refill will have paid for it (two-stage
+        enrichment when ``stage1_options`` is given: see :func:`forecast_for`)."""
+        return forecast_for(self.projection(), self.costs, pages_remaining, asins_remaining, options,
+                            stage1_options=stage1_options, stage1_pass_rate=stage1_pass_rate)
 
     def max_new_deals_per_run(self, mode: str = "default", **kwargs: Any) -> int:
         """Upsert batch size at the learned refill rate (:func:`~deals_pipeline.budget.sizing.max_new_deals_per_run`)."""

@@ -209,3 +209,27 @@ class CostModel:
         while n > 1 and math.ceil(n * per_unit - 1e-9) > limit:
             n -= 1
         return max(1, min(int(max_asins), n))
+
+    # -- two-stage enrichment (issue 10) --------------------------------------------------------
+
+    def per_asin(self, options: Any) -> float:
+        """Calibrated tokens per ASIN for ``options`` (EWMA of tokensConsumed, static prior)."""
+        shape = product_cost_shape(options)
+        return self.observed_per_unit(shape.key, shape.expected)[0]
+
+    def two_stage_per_candidate(self, stage1_options: Any, stage2_options: Any, pass_rate: float) -> float:
+        """Expected tokens per candidate deal when stage 1 screens and only ``pass_rate`` of the
+        candidates get stage 2: ``stage1 + pass_rate * stage2`` (each calibrated per ASIN)."""
+        rate = min(1.0, max(0.0, float(pass_rate)))
+        return self.per_asin(stage1_options) + rate * self.per_asin(stage2_options)
+
+    def per_viable_deal(self, stage1_options: Any | None, stage2_options: Any, pass_rate: float) -> float:
+        """Expected tokens per deal that survives the stats rules and is enriched.
+
+        Single stage (``stage1_options`` None) buys offers for every candidate and keeps ``pass_rate``
+        of them: ``stage2 / pass_rate``. Two stages: ``(stage1 + pass_rate * stage2) / pass_rate``.
+        """
+        rate = min(1.0, max(1e-9, float(pass_rate)))
+        if stage1_options is None:
+            return self.per_asin(stage2_options) / rate
+        return self.two_stage_per_candidate(stage1_options, stage2_options, rate) / rate

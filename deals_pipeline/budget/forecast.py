@@ -45,13 +45,20 @@ def eta_ms_for(tokens_needed: int, balance: int, refill_rate: int, next_refill_m
 
 
 def forecast_for(proj: Projection, costs: CostModel, pages_remaining: int, asins_remaining: int,
-                 options: Any) -> Forecast:
+                 options: Any, *, stage1_options: Any | None = None, stage1_pass_rate: float = 1.0) -> Forecast:
     """Forecast for ``pages_remaining`` /deal pages and ``asins_remaining`` /product ASINs with ``options``
-    from the projection ``proj`` (priced without the per-request cap clamp, so no clamp hides cost)."""
+    from the projection ``proj`` (priced without the per-request cap clamp, so no clamp hides cost).
+
+    Two-stage enrichment (``stage1_options`` set): every ASIN pays stage 1, and ``stage1_pass_rate``
+    of them pay ``options`` (stage 2), each stage calibrated from tokensConsumed."""
     pages = max(0, int(pages_remaining))
     asins = max(0, int(asins_remaining))
     tokens = costs.deal_pages(pages, cap=10**12).tokens if pages else 0
-    if asins:
+    if asins and stage1_options is not None:
+        tokens += costs.products(asins, stage1_options, cap=10**12).tokens
+        survivors = math.ceil(asins * min(1.0, max(0.0, stage1_pass_rate)) - 1e-9)
+        tokens += costs.products(survivors, options, cap=10**12).tokens if survivors else 0
+    elif asins:
         tokens += costs.products(asins, options, cap=10**12).tokens
     eta = eta_ms_for(tokens, proj.balance, proj.refill_rate, proj.next_refill_ms, proj.as_of_ms)
     return Forecast(

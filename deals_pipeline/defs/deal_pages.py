@@ -12,6 +12,7 @@ import dagster as dg
 from deals_pipeline import __version__
 from deals_pipeline.backfill.service import page_count_for
 from deals_pipeline.budget import BudgetDeadline
+from deals_pipeline.enrichment import two_stage_forecast
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE
 from deals_pipeline.runtime import Runtime
 from deals_pipeline.defs.resources import (
@@ -127,6 +128,7 @@ def write_page_summary(
         pages_remaining=remaining_pages,
         asins_remaining=remaining_chunks * query.chunk_size + remaining_pages * 150,
         options=query.product_options(),
+        **two_stage_forecast(runtime.db, query.policy(), query.product_options()),
     )
     metadata = {
         **summary.as_metadata(),
@@ -172,3 +174,4 @@ deal_pages_job = dg.define_asset_job(
     executor_def=dg.in_process_executor,
     description="Backfill one deal page (in process: the chunk fan-out costs ~ms per op, not ~2 s).",
 )
+

@@ -31,7 +31,10 @@ from deals_pipeline.config import (
     ENV_SIMULATOR_URL,
     ENV_UPSERT_INTERVAL_S,
 )
-from deals_pipeline.enrichment import ViabilityRules
+from deals_pipeline.enrichment import (
+    DEFAULT_REENRICH_AFTER_HOURS, DEFAULT_REENRICH_PRICE_CHANGE_PCT, DEFAULT_STATS_RULES, EnrichmentPolicy, StatsRules,
+    ViabilityRules,
+)
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import ConfigError
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
@@ -161,6 +164,22 @@ class DealQueryResource(dg.ConfigurableResource):
     min_delta_percent: Optional[int] = Field(default=None, description="Viability: minimum 90-day % drop.")
     max_sales_rank: Optional[int] = Field(default=None, description="Viability: maximum sales rank.")
     min_price: Optional[int] = Field(default=None, description="Viability: minimum current price (cents).")
+    reenrich_after_hours: float = Field(
+        default=DEFAULT_REENRICH_AFTER_HOURS,
+        description="Re-enrichment policy: an enriched deal gets /product again when its enrichment is this old.")
+    reenrich_price_change_pct: float = Field(
+        default=DEFAULT_REENRICH_PRICE_CHANGE_PCT,
+        description="Re-enrichment policy: ... or when its watched price moved by at least this many percent.")
+    stats_min_sales_rank_drops90: Optional[int] = Field(
+        default=None, description="Stage-1 stats rule: minimum sales-rank drops in 90 days.")
+    stats_max_sales_rank: Optional[int] = Field(default=None, description="Stage-1 stats rule: maximum sales rank.")
+    stats_min_used_offers: Optional[int] = Field(
+        default=None, description="Stage-1 stats rule: minimum used-offer count (stats.current[12]).")
+    stats_max_out_of_stock_pct90: Optional[int] = Field(
+        default=DEFAULT_STATS_RULES.max_out_of_stock_pct90,
+        description="Stage-1 stats rule: maximum outOfStockPercentage90 at the query's price type. Any stats "
+                    "rule turns on two-stage enrichment (/product without offers first, ~1 token/ASIN); "
+                    "null every stats_* option for single-stage.")
     upsert_sizing_mode: str = Field(default="default", description="'default' (20 below 20/min, else 200) or 'derived'.")
     upsert_interval_s: int = Field(default=DEFAULT_UPSERT_INTERVAL_S, description="Seconds between upsert sensor ticks.")
 
@@ -178,14 +197,24 @@ class DealQueryResource(dg.ConfigurableResource):
         return ViabilityRules(min_delta_percent=self.min_delta_percent, max_sales_rank=self.max_sales_rank,
                               min_price=self.min_price)
 
+    def policy(self) -> EnrichmentPolicy:
+        return EnrichmentPolicy(
+            reenrich_after_hours=self.reenrich_after_hours, reenrich_price_change_pct=self.reenrich_price_change_pct,
+            stats_rules=StatsRules(
+                min_sales_rank_drops90=self.stats_min_sales_rank_drops90, max_sales_rank=self.stats_max_sales_rank,
+                min_used_offer_count=self.stats_min_used_offers,
+                max_out_of_stock_pct90=self.stats_max_out_of_stock_pct90,
+            ),
+        )
+
     def backfill_settings(self) -> BackfillSettings:
         return BackfillSettings(selection=self.selection(), product_options=self.product_options(),
-                                rules=self.rules(), chunk_size=self.chunk_size)
+                                rules=self.rules(), chunk_size=self.chunk_size, policy=self.policy())
 
     def upsert_settings(self) -> UpsertSettings:
         newest_first = DealSelection.from_mapping({**self.selection().to_json(), "sortType": 1})
         return UpsertSettings(selection=newest_first, product_options=self.product_options(), rules=self.rules(),
-                              chunk_size=self.chunk_size, sizing_mode=self.upsert_sizing_mode,
+                              chunk_size=self.chunk_size, sizing_mode=self.upsert_sizing_mode, policy=self.policy(),
                               interval_s=self.upsert_interval_s)
 
 

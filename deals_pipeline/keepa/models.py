@@ -508,6 +508,9 @@ class Product:
     offers_successful: bool | None
     buy_box_used_price: int | None
     used_price: int | None
+    #: stats fields stage 1 (/product without offers) judges: they are on no deal page.
+    sales_rank_drops90: int | None = None
+    out_of_stock_percentage90: tuple[int, ...] | None = None
     raw: dict = _field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -549,12 +552,32 @@ class Product:
                 _price_or_none(_int(stats, "buyBoxUsedPrice")) if stats.get("buyBoxUsedPrice") is not None else None
             ),
             used_price=_price_or_none(stats_current[2]) if stats_current and len(stats_current) > 2 else None,
+            sales_rank_drops90=(
+                _int(stats, "salesRankDrops90", minimum=-1) if stats.get("salesRankDrops90") is not None else None
+            ),
+            out_of_stock_percentage90=(
+                _int_list(stats["outOfStockPercentage90"], "stats.outOfStockPercentage90", min_len=0)
+                if stats.get("outOfStockPercentage90") is not None else None
+            ),
             raw=dict(obj),
         )
 
     @property
     def last_update_utc(self) -> _datetime | None:
         return None if self.last_update is None else _kt.keepa_minute_to_datetime(self.last_update)
+
+    def stat_current(self, index: int) -> int | None:
+        """``stats.current[index]`` (price, rank or count); None for -1/-2 or without stats."""
+        if self.stats_current is None or not 0 <= index < len(self.stats_current):
+            return None
+        return _price_or_none(self.stats_current[index])
+
+    def out_of_stock_pct90(self, price_type: int) -> int | None:
+        """``stats.outOfStockPercentage90[price_type]``; None when unknown (-1 or absent)."""
+        values = self.out_of_stock_percentage90
+        if values is None or not 0 <= price_type < len(values) or values[price_type] < 0:
+            return None
+        return values[price_type]
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,9 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE page_snapshots ADD COLUMN total_matches INTEGER;
     """,
-    # v3: deal lifecycle (issue 13, deals_pipeline/lifecycle.py): a deal a full discovery pass no longer
+    # v3: lossless discovery, free refresh, re-enrichment policy and two-stage enrichment (issue 10)
+    None,  # built below from DEAL_PAGE_PRICE_TYPES
+    # v4: deal lifecycle (issue 13, deals_pipeline/lifecycle.py): a deal a full discovery pass no longer
     # lists is inactive from then on; the janitor archives (or deletes) it after the retention period.
     """
     ALTER TABLE deals ADD COLUMN inactive_since TIMESTAMPTZ;
@@ -198,5 +200,58 @@ MIGRATIONS: list[str] = [
     );
     """,
 ]
+
+#: The deal-page price types a reseller uses: (column prefix, index into current/avg/delta/deltaPercent).
+#: Each gets ``<prefix>_current``, ``<prefix>_avg90``, ``<prefix>_delta90`` and ``<prefix>_delta_pct90``.
+DEAL_PAGE_PRICE_TYPES: tuple[tuple[str, int], ...] = (
+    ("amazon", 0), ("new", 1), ("used", 2), ("rank", 3), ("new_offers", 11), ("used_offers", 12),
+    ("rating", 16), ("reviews", 17), ("used_like_new", 19), ("used_very_good", 20), ("used_good", 21),
+    ("used_acceptable", 22),
+)
+DEAL_PAGE_SUFFIXES = ("current", "avg90", "delta90", "delta_pct90")
+
+
+def _v3() -> str:
+    columns = [f"{prefix}_{suffix} INTEGER" for prefix, _ in DEAL_PAGE_PRICE_TYPES for suffix in DEAL_PAGE_SUFFIXES]
+    columns += [
+        # 'discovered' (deal-page fields only), 'enriched' (/product bought), 'filtered' (a rule said no)
+        "state VARCHAR",
+        "filter_stage VARCHAR",             # 'deal_page' (free rules) or 'stats' (stage 1)
+        "first_seen_ms BIGINT",             # timeline ms (the injected clock), for the policy and coverage
+        "last_seen_ms BIGINT",
+        "enriched_at_ms BIGINT",
+        "enriched_price INTEGER",           # the watched price (current[price_type]) the enrichment saw
+        "stage1_at_ms BIGINT",              # stage 1: /product without offers (stats)
+        "stage1_minute BIGINT",             # version stage 1 covers: newer of deal and product lastUpdate
+        "stage1_passed BOOLEAN",
+        "stage1_price INTEGER",
+        "stats_sales_rank INTEGER",
+        "stats_sales_rank_drops90 INTEGER",
+        "stats_used_offer_count INTEGER",
+        "stats_out_of_stock_pct90 INTEGER",
+        "raw_stage1 JSON",
+    ]
+    statements = [f"ALTER TABLE deals ADD COLUMN {c};" for c in columns]
+    # Existing rows: enriched if they hold a product, filtered if a rule said so, else discovered.
+    statements.append(
+        "UPDATE deals SET state = CASE WHEN enriched_at IS NOT NULL THEN 'enriched' "
+        "WHEN viability = 'filtered' THEN 'filtered' ELSE 'discovered' END, "
+        "filter_stage = CASE WHEN viability = 'filtered' THEN 'deal_page' END, "
+        "first_seen_ms = epoch_ms(first_seen), last_seen_ms = epoch_ms(last_seen), "
+        "enriched_at_ms = epoch_ms(enriched_at), "
+        "enriched_price = CASE WHEN enriched_at IS NOT NULL THEN current_price END;"
+    )
+    # Their deal-page fields from the stored raw deal (current: -1/-2 sentinels are NULL).
+    fills = []
+    for prefix, index in DEAL_PAGE_PRICE_TYPES:
+        current = f"TRY_CAST(json_extract(raw_deal, '$.current[{index}]') AS INTEGER)"
+        fills.append(f"{prefix}_current = CASE WHEN {current} >= 0 THEN {current} END")
+        for suffix, key in (("avg90", "avg"), ("delta90", "delta"), ("delta_pct90", "deltaPercent")):
+            fills.append(f"{prefix}_{suffix} = TRY_CAST(json_extract(raw_deal, '$.{key}[3][{index}]') AS INTEGER)")
+    statements.append(f"UPDATE deals SET {', '.join(fills)} WHERE raw_deal IS NOT NULL;")
+    return "\n".join(statements)
+
+
+MIGRATIONS[2] = _v3()
 
 SCHEMA_VERSION = len(MIGRATIONS)

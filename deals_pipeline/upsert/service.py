@@ -1,17 +1,22 @@
 """Refreshing the newest deals with a watermark that never loses one (plain Python).
 
 Each run reads the newest-first deal list (sortType 1; sortType 4 is percentage delta, not
-recency: KEEPA_API.md §4.2) until it reaches deals at or below the watermark, a short page, or the
-last page. It selects the deals changed since the watermark, oldest first, up to the batch size
-sized from the learned refill rate, and commits them chunk by chunk. After each chunk the watermark
-moves to that chunk's newest (lastUpdate, asin) in the SAME transaction as its rows (HAZARDS #12,
-#36), and never ahead of the server clock (#17). A run stopped by the budget keeps what it
-committed; the rest is picked up, oldest first, by the next run.
+recency: KEEPA_API.md §4.2) until it reaches deals below the watermark's overlap window, a short
+page, or the last page. Every deal of every page read is written to ``deals`` in the transaction
+that settles the page (lossless discovery; a newer lastUpdate refreshes the stored deal-page fields
+for free). Only then does the watermark move, to the newest deal seen and never ahead of the server
+clock (HAZARDS #17): everything at or below it is stored (#12, #36).
+
+What the run then BUYS is decided by the planner (enrichment.py): new viable deals, and enriched
+deals only when the re-enrichment policy calls for it, oldest first, up to the batch size sized
+from the learned refill rate and the two-stage cost. A run stopped by the budget keeps what it
+committed; discovered deals it could not afford are picked up, oldest first, by the next run.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,7 +24,7 @@ from typing import Callable
 from deals_pipeline.budget import BudgetDeadline, Priority, TokenBudget
 from deals_pipeline.budget.sizing import max_new_deals_per_run
 from deals_pipeline.clock import Clock
-from deals_pipeline.enrichment import ChunkEnricher, ViabilityRules
+from deals_pipeline.enrichment import ChunkEnricher, ChunkPlan, EnrichmentPolicy, FetchedProducts, ViabilityRules
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import ConfigError, KeepaError
 from deals_pipeline.keepa.keepa_time import unix_ms_to_keepa_minute
@@ -30,7 +35,7 @@ import duckdb
 
 from deals_pipeline.storage import Database, DatabaseBusy
 from deals_pipeline.storage.publish import DealPublisher, publish_quietly
-from deals_pipeline.storage.repository import stored_deals, utcnow
+from deals_pipeline.storage.repository import discovered_backlog, utcnow, write_deals
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,7 @@ class UpsertSettings:
     #: watermark (the list is refreshed after the product). Each run re-reads this many minutes
     #: below the watermark; deals already stored at that version cost nothing (skipped as fresh).
     overlap_minutes: int = 15
+    policy: EnrichmentPolicy = field(default_factory=EnrichmentPolicy)
 
     def __post_init__(self) -> None:
         if abs(self.selection.sort_type) != 1 or self.selection.sort_type < 0:
@@ -151,14 +157,13 @@ class RecentDealsUpdater:
         self.clock = clock
         self.enricher = ChunkEnricher.for_selection(
             db, client, budget, settings.selection, options=settings.product_options, rules=settings.rules,
-            source=source, origin="upsert", priority=Priority.UPSERT,
+            source=source, origin="upsert", priority=Priority.UPSERT, policy=settings.policy,
         )
 
     def batch_size(self) -> tuple[int, str]:
         """Deals per run from the *learned* refill rate (a plan upgrade resizes with no config change)."""
-        projection = self.budget.projection()
-        rate = projection.refill_rate
-        per_deal = max(1, int(self.enricher.predicted_cost(1, cap=projection.cap)))
+        rate = self.budget.projection().refill_rate
+        per_deal = max(1, math.ceil(self.enricher.expected_cost_per_deal() - 1e-9))
         size = max_new_deals_per_run(
             rate, mode=self.settings.sizing_mode, interval_s=self.settings.interval_s, tokens_per_deal=per_deal
         )
@@ -201,20 +206,32 @@ class RecentDealsUpdater:
             log.warning("upsert run %s failed after %d chunks: %s", report.run_id, report.chunks_done, report.error)
         return report
 
-    def _fetch_changed(self, report: UpsertReport, deadline_ms: int | None) -> tuple[list[Deal], int]:
-        """Changed deals since the watermark (deduped by ASIN, newest version), and the server minute."""
+    def _discover_pages(self, report: UpsertReport, deadline_ms: int | None) -> tuple[list[Deal], int, bool]:
+        """Read the newest-first list down to the watermark's overlap window. Every page's deals are
+        written to ``deals`` (discovered, or refreshed in place when their lastUpdate is newer) in the
+        transaction that settles the page: a paid page is never lost, even when nothing is enriched.
+
+        Returns the newest version of every deal seen, the server minute, and whether the read reached
+        the watermark (the list is covered down to it: the watermark may move past what was seen)."""
         watermark = report.watermark_before
         newest: dict[str, Deal] = {}
         server_minute = 0
+        reached = False
         for page in range(min(self.settings.max_pages_per_run, MAX_DEAL_PAGE + 1)):
-            deal_page, _ = self.budget.call(
+            deal_page, reservation = self.budget.call(
                 lambda p=page: self.client.deals(self.settings.selection.with_page(p)),
                 cost=self.budget.costs.deal_pages(),
                 purpose="deal_page",
                 priority=Priority.UPSERT,
                 deadline_ms=deadline_ms,
                 detail=f"recent page {page}",
+                settle_now=False,
             )
+            with self.db.transaction() as con:
+                counts = write_deals(con, self.enricher.discovery_rows(deal_page.deals))
+                self.budget.settle(reservation, deal_page.status.tokens_consumed, deal_page.status, con=con)
+            report.deals_new += counts.new
+            report.deals_updated += counts.refreshed
             report.pages_fetched += 1
             report.tokens_spent += deal_page.status.tokens_consumed
             server_minute = max(server_minute, unix_ms_to_keepa_minute(deal_page.status.timestamp_ms))
@@ -223,28 +240,41 @@ class RecentDealsUpdater:
                 if known is None or deal.last_update > known.last_update:
                     newest[deal.asin] = deal
             if deal_page.is_last:
+                reached = True
                 break
             if watermark is None:
                 if len(newest) >= report.batch_size:
+                    reached = True
                     break
             elif any(d.last_update < watermark.last_update_minute - self.settings.overlap_minutes
                      for d in deal_page.deals):
+                reached = True
                 break
-        if watermark is None:
-            changed = list(newest.values())
+        return list(newest.values()), server_minute, reached
+
+    def _purchase_queue(self, report: UpsertReport, seen: list[Deal]) -> list[Deal]:
+        """The deals worth buying, oldest first: seen deals the planner would pay for (new ones, and
+        enriched ones the re-enrichment policy calls for), plus discovered deals an earlier run could not
+        afford. Free verdicts (deal-page rules) are written here, at 0 tokens."""
+        floor = read_watermark(self.db, FLOOR_NAME)
+        if report.watermark_before is None:
+            candidates = sorted(seen, key=Watermark.of)[-report.batch_size :]  # first run: the newest batch
         else:
-            overlap = Watermark(watermark.last_update_minute - self.settings.overlap_minutes, "")
-            first_batch = read_watermark(self.db, FLOOR_NAME) or overlap
-            changed = [d for d in newest.values() if Watermark.of(d) > overlap and Watermark.of(d) >= first_batch]
-            with self.db.connect() as con:
-                stored = stored_deals(con, [d.asin for d in changed])
-            # Below the watermark only what is not stored yet at that version (a late arrival).
-            changed = [
-                d for d in changed
-                if Watermark.of(d) > watermark or not (d.asin in stored and stored[d.asin].covers(d.last_update))
-            ]
-        changed.sort(key=Watermark.of)
-        return changed, server_minute
+            candidates = [d for d in seen if floor is None or Watermark.of(d) >= floor]
+        with self.db.connect() as con:
+            if floor is not None:
+                backlog = discovered_backlog(con, since_minute=floor.last_update_minute,
+                                             exclude=[d.asin for d in candidates], limit=2 * report.batch_size)
+                candidates += [d for d in (b.deal() for b in backlog) if d is not None and Watermark.of(d) >= floor]
+            plan = self.enricher.plan(candidates, con)
+        if plan.filtered:
+            with self.db.transaction() as con:
+                self.enricher.commit(con, ChunkPlan(deals=plan.deals, filtered=plan.filtered,
+                                                    viability=plan.viability), FetchedProducts())
+        report.filtered += len(plan.filtered)
+        report.fresh_skipped += len(plan.fresh)
+        buy = set(plan.to_fetch) | set(plan.to_screen)
+        return sorted((d for d in plan.deals if d.asin in buy), key=Watermark.of)
 
     def _run(self, report: UpsertReport, deadline_ms: int | None, on_chunk) -> None:
         # Paid responses an earlier run could not commit (busy database, killed run) are stored first,
@@ -252,58 +282,62 @@ class RecentDealsUpdater:
         _, replay_new, replay_updated = self.enricher.replay_orphans(SPOOL_PREFIX)
         report.deals_new += replay_new
         report.deals_updated += replay_updated
-        changed, server_minute = self._fetch_changed(report, deadline_ms)
-        report.candidates = len(changed)
-        if report.watermark_before is None:
-            selected = changed[-report.batch_size :]  # first run: the newest batch
-        else:
-            selected = changed[: report.batch_size]  # backlog: oldest first, nothing skipped
+        seen, server_minute, reached = self._discover_pages(report, deadline_ms)
+        if report.watermark_before is None and seen:
+            first = sorted(seen, key=Watermark.of)[-report.batch_size :][0]
+            self._move_watermark(FLOOR_NAME, Watermark.of(first), only_if_unset=True)
+        if reached and seen:
+            # Everything down to the watermark's overlap window is stored (discovered): move it to the
+            # newest deal seen, never ahead of the server clock (HAZARDS #17).
+            target = max(Watermark.of(d) for d in seen)
+            if target.last_update_minute > server_minute:
+                target = Watermark(server_minute, "")
+            self._move_watermark(WATERMARK_NAME, target)
+            report.watermark_after = target
+        queue = self._purchase_queue(report, seen)
+        report.candidates = len(queue)
+        selected = queue[: report.batch_size]
         report.selected = len(selected)
-        report.remaining_changed = len(changed) - len(selected) if report.watermark_before is not None else 0
+        report.remaining_changed = len(queue) - len(selected)
         if not selected:
-            report.status = "nothing_new"
+            report.status = "nothing_new" if report.deals_new + report.deals_updated == 0 else "complete"
             return
         size = self.settings.chunk_size
         for start in range(0, len(selected), size):
-            chunk = selected[start : start + size]
-            plan = self.enricher.plan(chunk)
-            fetched = self.enricher.fetch(
-                plan.to_fetch, deadline_ms=deadline_ms, detail=f"upsert {report.run_id} chunk {start // size}",
-                scope=f"{SPOOL_PREFIX}{report.run_id}-c{start // size}", deals=chunk,
-            )
-            if fetched.status is not None:
-                server_minute = max(server_minute, unix_ms_to_keepa_minute(fetched.status.timestamp_ms))
-            target = Watermark.of(chunk[-1])
-            if target.last_update_minute > server_minute:
-                # Deals can run a minute ahead of the server clock (HAZARDS #17): never store a future
-                # watermark. Deals at that minute are re-selected next run and skipped as fresh at 0 tokens.
-                target = Watermark(server_minute, "")
-            with self.db.transaction() as con:
-                new, updated = self.enricher.commit(con, plan, fetched)
-                current = con.execute(
-                    "SELECT last_update_minute, asin FROM watermarks WHERE name = ?", [WATERMARK_NAME]
-                ).fetchone()
-                if current is None:
-                    con.execute(
-                        "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?)",
-                        [FLOOR_NAME, Watermark.of(selected[0]).last_update_minute, selected[0].asin, utcnow()],
-                    )
-                if current is None or Watermark(int(current[0]), current[1]) < target:
-                    con.execute(
-                        "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?)",
-                        [WATERMARK_NAME, target.last_update_minute, target.asin, utcnow()],
-                    )
-            self.enricher.consumed(fetched)
-            report.deals_new += new
-            report.deals_updated += updated
-            report.fresh_skipped += len(plan.fresh)
-            report.filtered += len(plan.filtered)
-            report.tokens_spent += fetched.tokens
-            report.chunks_done += 1
-            report.watermark_after = max(target, report.watermark_after or target)
+            self._buy_chunk(report, selected[start : start + size], deadline_ms, start // size)
             if on_chunk is not None:
                 on_chunk(report)
         report.status = "complete"
+
+    def _buy_chunk(self, report: UpsertReport, chunk: list[Deal], deadline_ms: int | None, index: int) -> None:
+        """Stage 1 (committed on its own) then stage 2 for one chunk; each commit settles its spend."""
+        detail = f"upsert {report.run_id} chunk {index}"
+        plan = self.enricher.plan(chunk)
+        # Every paid response is spooled before any database work; an orphan (busy file, killed run) is
+        # stored by the next run's replay_orphans instead of being bought again.
+        scope = f"{SPOOL_PREFIX}{report.run_id}-c{index}"
+        if plan.to_screen:
+            screened = self.enricher.screen(plan, deadline_ms=deadline_ms, detail=detail, scope=scope, deals=chunk)
+            with self.db.transaction() as con:
+                self.enricher.commit_screen(con, plan, screened)
+            self.enricher.consumed(screened)
+            report.tokens_spent += screened.tokens
+        fetched = self.enricher.fetch(plan.to_fetch, deadline_ms=deadline_ms, detail=detail, scope=scope, deals=chunk)
+        with self.db.transaction() as con:
+            self.enricher.commit(con, plan, fetched)
+        self.enricher.consumed(fetched)
+        report.filtered += len(plan.filtered) + len(plan.screened_out)
+        report.fresh_skipped += len(plan.fresh)
+        report.tokens_spent += fetched.tokens
+        report.chunks_done += 1
+
+    def _move_watermark(self, name: str, target: Watermark, *, only_if_unset: bool = False) -> None:
+        with self.db.transaction() as con:
+            current = con.execute("SELECT last_update_minute, asin FROM watermarks WHERE name = ?", [name]).fetchone()
+            if current is not None and (only_if_unset or Watermark(int(current[0]), current[1]) >= target):
+                return
+            con.execute("INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?)",
+                        [name, target.last_update_minute, target.asin, utcnow()])
 
     def _record_run(self, report: UpsertReport, *, started: bool) -> None:
         with self.db.transaction() as con:

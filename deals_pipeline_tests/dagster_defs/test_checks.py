@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from deals_pipeline.defs.checks import rows_hold_their_own_asin
 from deals_pipeline.defs.resources import DealsDatabaseResource, KeepaResource
 from deals_pipeline.keepa.models import DealPage
 from deals_pipeline.storage import Database
 from deals_pipeline.storage.repository import deal_rows, upsert_deals, utcnow
+
+pytestmark = pytest.mark.slow  # imports Dagster
 
 
 def _store_sample_deals(samples_dir: Path, db: Database, n: int = 5) -> list[str]:

@@ -20,6 +20,8 @@ from deals_pipeline.defs.sensors import deal_pages_sensor, recent_deals_sensor
 from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
 from deals_pipeline.defs.recent_deals import recent_deals
 
+pytestmark = pytest.mark.slow  # Dagster instances and in-process runs
+
 
 def _page_run(partition_key, instance, resources):
     return dg.materialize([deal_pages], partition_key=partition_key, instance=instance, resources=resources)

@@ -6,7 +6,8 @@ runs. The Dagster ops call exactly the same service methods.
     python -m deals_pipeline_tests.harness.worker backfill --pages 0-3
     python -m deals_pipeline_tests.harness.worker upsert
 
-Configured by env: SIM_URL, DEALS_DB_PATH, and the clock variables of deals_pipeline.clock.
+Configured by env: SIM_URL, DEALS_DB_PATH, and the clock variables of deals_pipeline.clock; optional
+SELECTION (JSON deal selection) and STATS_RULES (JSON StatsRules: turns on two-stage enrichment).
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(sim=None, clock=clock, db=db, client=client, budget=budget, db_path=db.path)
     if args.mode == "backfill":
         lo, _, hi = args.pages.partition("-")
-        backfill = stack.backfill(selection=json.loads(os.environ["SELECTION"]) if "SELECTION" in os.environ else None)
+        policy = None
+        if "STATS_RULES" in os.environ:  # two-stage enrichment (economics kill test)
+            from deals_pipeline.enrichment import EnrichmentPolicy, StatsRules
+
+            policy = EnrichmentPolicy(stats_rules=StatsRules(**json.loads(os.environ["STATS_RULES"])))
+        backfill = stack.backfill(selection=json.loads(os.environ["SELECTION"]) if "SELECTION" in os.environ else None,
+                                  policy=policy)
         for page in range(int(lo), int(hi or lo) + 1):
             summary = backfill.run_page(page)
             print(json.dumps({"page": page, "complete": summary.complete, "is_last": summary.is_last}), flush=True)

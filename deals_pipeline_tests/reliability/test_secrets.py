@@ -25,6 +25,8 @@ from deals_pipeline.simulator import SimulatorConfig
 from deals_pipeline_tests.keepa.http_fixture import refused_url
 from deals_pipeline_tests.reliability._support import RecordingSimulator, backfill_job, query
 
+pytestmark = pytest.mark.slow  # Dagster runs and the whole stack
+
 SELECTION = {"domainId": 1, "priceTypes": [2], "dateRange": 3, "sortType": 4}
 
 

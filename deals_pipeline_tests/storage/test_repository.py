@@ -66,7 +66,8 @@ def test_upsert_never_goes_back_in_time_and_keeps_enrichment(tmp_path, sample_pa
             "SELECT title, last_update_minute, enriched_minute, origin FROM deals"
         ).fetchone()
     assert (title, minute, origin) == ("newer", deal.last_update + 10, "upsert")
-    assert enriched == deal.last_update + 10
+    # The version an enrichment covers is the newer of the deal's and the product's lastUpdate (issue 10).
+    assert enriched == max(deal.last_update + 10, product.last_update)
     # A newer unenriched version updates the deal fields but does not erase the enrichment.
     newest = replace(deal, last_update=deal.last_update + 20, title="newest")
     with db.transaction() as con:
@@ -76,8 +77,9 @@ def test_upsert_never_goes_back_in_time_and_keeps_enrichment(tmp_path, sample_pa
     assert title == "newest" and product_title == product.title
     with db.connect() as con:
         stored = stored_deals(con, [deal.asin])[deal.asin]
-    assert not stored.covers(deal.last_update + 20)  # enrichment belongs to an older version
-    assert stored.covers(deal.last_update)
+    assert stored.covers(deal.last_update + 20)  # the product itself is newer than both listings
+    assert not stored.covers(product.last_update + 1)  # a listing newer than the product is not covered
+    assert stored.state == "enriched"
 
 
 def test_filtered_deals_are_stored_without_enrichment(tmp_path, sample_page):

@@ -27,9 +27,13 @@ def test_first_run_takes_the_newest_batch_and_sets_the_watermark(make_stack):
     stack = make_stack(config=SimulatorConfig(refill_rate=5, catalog_size=800))
     report = stack.updater().run()
     assert report.status == "complete"
-    assert report.batch_size == 20 and report.selected == 20 and report.deals_new == 20
+    # Lossless discovery: the whole paid page is stored; the newest batch is enriched.
+    assert report.batch_size == 20 and report.selected == 20 and report.deals_new == 150
     newest = stack.sim.catalog.newest(20, stack.clock.now_ms())
-    assert set(_stored_versions(stack)) == {d["asin"] for d in newest}
+    with stack.db.connect() as con:
+        enriched = {r[0] for r in con.execute("SELECT asin FROM deals WHERE state = 'enriched'").fetchall()}
+    assert enriched == {d["asin"] for d in newest}
+    assert set(_stored_versions(stack)) == {d["asin"] for d in stack.sim.catalog.newest(150, stack.clock.now_ms())}
     assert report.watermark_after == read_watermark(stack.db)
     assert report.pages_fetched == 1
 
