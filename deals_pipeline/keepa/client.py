@@ -362,15 +362,7 @@ class KeepaClient:
             kind, text = failure
             self.stats._inc("transient", kind)
             if paid and kind not in _NOT_SENT:
-                salvaged_status, partial = _salvage(body_bytes) if body_bytes else (None, [])
-                if salvaged_status is not None:
-                    self._publish(endpoint, salvaged_status)
-                self.stats._inc("errors", ResponseLost.__name__)
-                raise ResponseLost(
-                    f"{where}: {kind} after the request was sent ({len(partial)} complete product(s) kept;"
-                    f" may be charged): {text}",
-                    status=salvaged_status, partial_products=partial,
-                )
+                self._lost(endpoint, body_bytes, f"{where}: {kind} after the request was sent", text, None)
             raise TransientKeepaError(f"{where}: {kind}: {text}", maybe_charged=kind not in _NOT_SENT)
         if response is None:  # pragma: no cover - _send returns exactly one of the two
             raise TransientKeepaError(f"{where}: no response")
@@ -390,15 +382,8 @@ class KeepaClient:
             if json_problem is not None:
                 self.stats._inc("transient", json_problem)
                 if paid:
-                    salvaged_status, partial = _salvage(body_bytes)
-                    if salvaged_status is not None:
-                        self._publish(endpoint, salvaged_status)
-                    self.stats._inc("errors", ResponseLost.__name__)
-                    raise ResponseLost(
-                        f"{where}: HTTP 200 with {json_problem.replace('_', ' ')} body ({len(body_bytes)} bytes, "
-                        f"{len(partial)} complete product(s) kept; may be charged)",
-                        http_status=200, status=salvaged_status, partial_products=partial,
-                    )
+                    self._lost(endpoint, body_bytes, f"{where}: HTTP 200 with {json_problem.replace('_', ' ')} body "
+                               f"({len(body_bytes)} bytes)", "", 200)
                 raise TransientKeepaError(
                     f"{where}: HTTP 200 with {json_problem.replace('_', ' ')} body "
                     f"({len(body_bytes)} bytes): {self._snippet(body_bytes)}",
@@ -433,6 +418,17 @@ class KeepaClient:
             raise TransientKeepaError(f"{reason}: {self._snippet(body_bytes)}", http_status=code, status=status)
         # 400 (bad parameters or key), 404, 405 and anything else unexpected: not retried.
         self._fail(RequestRejected(f"{reason}: {self._snippet(body_bytes)}", http_status=code, status=status), status)
+
+    def _lost(self, endpoint: str, body: bytes, what: str, text: str, http_status: int | None) -> NoReturn:
+        """Raise :class:`ResponseLost` for a paid answer damaged in transit, keeping what it still holds
+        (the envelope when complete, whole products at the head of a /product body)."""
+        status, partial = _salvage(body) if body else (None, [])
+        if status is not None:
+            self._publish(endpoint, status)
+        self.stats._inc("errors", ResponseLost.__name__)
+        suffix = f": {text}" if text else ""
+        raise ResponseLost(f"{what}, {len(partial)} complete product(s) kept; may be charged{suffix}",
+                           http_status=http_status, status=status, partial_products=partial)
 
     def _fail(self, err: KeepaError, status: TokenStatus | None) -> NoReturn:
         if status is not None and err.status is None:
