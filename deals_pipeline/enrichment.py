@@ -348,6 +348,9 @@ class ChunkEnricher:
                 if self.policy.stage1_holds(known, now_ms):
                     plan.fresh.append(deal.asin)
                     continue
+            elif known is not None and known.state == "filtered" and known.last_update_minute >= deal.last_update:
+                plan.fresh.append(deal.asin)  # a deal-page verdict on this version stands (judged again when it changes)
+                continue
             verdict = self.rules.judge(deal, self.price_type)
             if not verdict.viable:
                 plan.viability[deal.asin] = verdict

@@ -511,11 +511,13 @@ def test_h53_h9_the_existing_asin_check_reads_a_stored_row(make_stack, sample_pa
         plan = enricher.plan([deal, kept_out])
         assert plan.fresh == [deal.asin, kept_out.asin] and plan.to_fetch == []  # 0 tokens
         newer = replace(deal, last_update=deal.last_update + 7)
-        assert enricher.plan([newer]).to_fetch == [deal.asin]  # a refresh is bought once per new version
+        # Issue 10: a newer listing alone buys nothing (a free refresh); only the re-enrichment policy re-buys.
+        assert enricher.plan([newer]).fresh == [deal.asin]
     with stack.db.connect() as con:
         stored = stored_deals(con, [deal.asin, kept_out.asin])
         product_price = con.execute("SELECT product_used_price FROM deals WHERE asin = ?", [deal.asin]).fetchone()[0]
-    assert stored[deal.asin].enriched_minute == deal.last_update and stored[kept_out.asin].viability == "filtered"
+    assert stored[deal.asin].enriched_minute == max(deal.last_update, product.last_update)
+    assert stored[kept_out.asin].viability == "filtered"
     assert product_price == 2243  # the real product object's USED price, read by column name
 
 
