@@ -1,4 +1,5 @@
-"""`deals-pipeline`: init, status (System Health), backfill a page range, demo, simulator.
+"""`deals-pipeline`: init, status (System Health), backfill a page range, demo, simulator,
+query the published copy.
 
 Every command uses the same state as `make ui` and `dagster asset materialize`: the Dagster instance in
 ``DAGSTER_HOME`` (default ``./dagster_home``) and the DuckDB file in ``DEALS_DB_PATH`` (default
@@ -401,6 +402,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
             sim.kill()
 
 
+def add_query_command(sub: "argparse._SubParsersAction") -> None:
+    """`deals-pipeline query "SQL"`: read the published copy (never the pipeline's own file)."""
+    query = sub.add_parser("query", help="run SQL on the published read-only copy (table current_deals, deals)")
+    query.add_argument("sql", help='e.g. "SELECT asin, title, price_now_usd, drop_pct_90d FROM current_deals LIMIT 20"')
+    query.add_argument("--db", help=f"pipeline database path (default: ${ENV_DB_PATH} or data/deals.duckdb)")
+    query.add_argument("--csv", action="store_true", help="CSV output instead of a table")
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Print the result of ``args.sql`` on ``<db>.published.duckdb``; exit 2 when nothing is published."""
+    import duckdb
+
+    from deals_pipeline.state_paths import database_path
+    from deals_pipeline.storage.publish import published_path
+
+    path = published_path(database_path(args.db))
+    if not path.exists():
+        print(f"deals-pipeline query: nothing published yet at {path} (it appears after the first committed chunk)",
+              file=sys.stderr)
+        return 2
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        relation = con.sql(args.sql)
+        if relation is None:
+            return 0
+        if args.csv:
+            relation.df().to_csv(sys.stdout, index=False)
+        else:
+            print(relation.df().to_string(index=False, max_colwidth=60))
+    except duckdb.Error as exc:
+        print(f"deals-pipeline query: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        con.close()
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--refill-rate", type=int, default=5)
     demo.add_argument("--time-scale", type=float, default=600.0)
     demo.add_argument("--catalog-size", type=int, default=800)
+    add_query_command(sub)
     return parser
 
 
@@ -447,7 +486,7 @@ def run(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     commands = {"init": cmd_init, "status": cmd_status, "backfill": cmd_backfill, "demo": cmd_demo,
-                "retry-quarantined": cmd_retry_quarantined}
+                "retry-quarantined": cmd_retry_quarantined, "query": cmd_query}
     return commands[args.command](args)
 
 

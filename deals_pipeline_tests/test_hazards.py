@@ -345,7 +345,8 @@ def test_h16_h8_the_upserter_retries_a_429_and_a_storm_fails_the_run(make_stack)
 
 def test_h40_a_write_failure_after_paying_never_pays_twice(make_stack) -> None:
     """#40: schema drift (a column missing) made every insert fail and the batch was re-bought forever.
-    The paid /product response is staged raw; once the schema is repaired the rerun pays nothing."""
+    The paid /product response is spooled raw (files beside the DB); once the schema is repaired the rerun
+    pays nothing."""
     stack = make_stack(config=SimulatorConfig(refill_rate=500, catalog_size=20))
     backfill = stack.backfill(options=LEAN)
     snapshot = backfill.snapshot(0)
@@ -353,7 +354,7 @@ def test_h40_a_write_failure_after_paying_never_pays_twice(make_stack) -> None:
         con.execute("ALTER TABLE deals DROP COLUMN product_live_offers")  # "columns missing in production"
     failed = backfill.run_chunk(snapshot, 0)
     assert failed.status == "failed"
-    assert _ledger(stack, "SELECT count(*) FROM chunk_staging") == [(1,)]
+    assert backfill.enricher.spool.pending_count() == 1
     fetches = dict(stack.sim.stats().product_fetches)
     assert set(fetches) == set(snapshot.chunk_asins[0]) and set(fetches.values()) == {1}
     with stack.db.transaction() as con:
@@ -361,7 +362,7 @@ def test_h40_a_write_failure_after_paying_never_pays_twice(make_stack) -> None:
     done = backfill.run_chunk(snapshot, 0)
     assert done.status == "done" and done.deals_stored == 4
     assert dict(stack.sim.stats().product_fetches) == fetches, "the staged response was re-used, not re-bought"
-    assert _ledger(stack, "SELECT count(*) FROM chunk_staging") == [(0,)]
+    assert backfill.enricher.spool.pending_count() == 0
     assert set(_stored(stack)) == set(snapshot.chunk_asins[0])
     spent = _ledger(stack, "SELECT sum(actual) FROM token_ledger WHERE state = 'settled'")[0][0]
     assert spent == stack.sim.stats().tokens_consumed  # the one payment is accounted once

@@ -103,6 +103,11 @@ class TokenBudget:
                 log.warning("ignoring a token status stamped %d s ahead of this clock",
                             (status.timestamp_ms - now_ms) // 1000)
             return False
+        if stored is not None:
+            rows, tokens = tx.infer_unknown_charges(status, now_ms)
+            if rows:
+                log.info("re-based %d unanswered request(s) from the next envelope: the server charged %d tokens",
+                         rows, tokens)
         tx.replace_status(status, now_ms)
         if stored is None:
             log.info("token status known: balance %d, rate %d/min", status.tokens_left, status.refill_rate)
@@ -297,11 +302,12 @@ class TokenBudget:
         now = self.clock.now_ms()
 
         def run(tx: BudgetTransaction) -> None:
-            if status is not None:
-                self._store_status(tx, status, now)
+            # The row first: a newer status re-bases unanswered requests from the charges it knows of.
             tx.record_response(reservation.id, actual=actual,
                                server_ts_ms=status.timestamp_ms if status is not None else None,
                                final_state=final_state, settled_ms=now)
+            if status is not None:
+                self._store_status(tx, status, now)
             if final_state == "failed":
                 tx.request_sync(now)
             self._refresh_recharge(tx, now)
@@ -326,8 +332,9 @@ class TokenBudget:
 
     def record_failure(self, reservation: Reservation, status: TokenStatus | None = None) -> None:
         """The request failed. With an envelope, it is settled at its ``tokensConsumed``. Without one
-        the charge is unknown: the reservation keeps counting until a newer status arrives (or it
-        expires) and ``needs_sync()`` turns true (H3)."""
+        the charge is unknown (``failed``): the reservation keeps counting until a newer status arrives,
+        which re-bases it to what the server really charged (``inferred``), and ``needs_sync()`` turns
+        true (H3) so that status comes at once from the free ``/token`` call."""
         if status is not None:
             self._record_response(reservation, status, actual=status.tokens_consumed, final_state="settled")
         else:
@@ -350,6 +357,7 @@ class TokenBudget:
         detail: str = "",
         max_429: int = 5,
         settle_now: bool = True,
+        on_result: Callable[[T, Reservation], None] | None = None,
     ) -> tuple[T, Reservation]:
         """acquire -> ``fn()`` -> observe its status -> settle (unless ``settle_now=False``).
 
@@ -358,7 +366,9 @@ class TokenBudget:
         (bounded by ``deadline_ms``) and retry the same request; after ``max_429`` of them the last
         429 is re-raised. With ``settle_now=False`` the response's status and ``tokensConsumed`` are
         recorded at once (so the spend is never double-counted) and the caller settles later in its
-        own transaction: ``settle(reservation, actual, con=con)``.
+        own transaction: ``settle(reservation, actual, con=con)``. ``on_result(result, reservation)`` runs
+        as soon as a response is in hand, before any database work (the paid-response spool writes it
+        to disk there, so a busy database cannot lose it).
         """
         n429 = 0
         while True:
@@ -381,6 +391,8 @@ class TokenBudget:
             except BaseException:
                 self.record_failure(res, None)
                 raise
+            if on_result is not None:
+                on_result(result, res)
             status = _status_of(result)
             if status is None:
                 log.warning("%s: response without a token envelope; state unknown until the next status", purpose)

@@ -20,6 +20,8 @@ from deals_pipeline.budget.store import (
     BudgetTransaction,
     FinalState,
     LedgerGroup,
+    inferred_charge,
+    split_charge,
 )
 from deals_pipeline.keepa.models import TokenStatus
 from deals_pipeline.storage.db import Database
@@ -104,6 +106,28 @@ class _DuckDBTransaction:
             [status.timestamp_ms],
         )
         self.con.execute("UPDATE budget_state SET sync_requested_ms = NULL WHERE id = 1 AND sync_requested_ms IS NOT NULL")
+
+    def infer_unknown_charges(self, new: TokenStatus, settled_ms: int) -> tuple[int, int]:
+        unknown = self.con.execute(
+            "SELECT reservation_id, predicted FROM token_ledger WHERE state = 'failed' AND server_ts_ms IS NULL "
+            "ORDER BY created_ms, reservation_id"
+        ).fetchall()
+        previous = self.stored_status()
+        if not unknown or previous is None:
+            return 0, 0
+        known = self.con.execute(
+            "SELECT COALESCE(SUM(actual), 0) FROM token_ledger WHERE state NOT IN ('released', 'failed') "
+            "AND actual IS NOT NULL AND ((server_ts_ms > ? AND server_ts_ms <= ?) OR (server_ts_ms IS NULL AND state = 'settled'))",
+            [previous.timestamp_ms, new.timestamp_ms],
+        ).fetchone()[0]
+        total = inferred_charge(previous, new, int(known))
+        for (rid, _), share in zip(unknown, split_charge(total, [int(r[1]) for r in unknown])):
+            self.con.execute(
+                "UPDATE token_ledger SET state = 'inferred', actual = ?, server_ts_ms = ?, "
+                "settled_ms = COALESCE(settled_ms, ?) WHERE reservation_id = ?",
+                [share, new.timestamp_ms, settled_ms, rid],
+            )
+        return len(unknown), total
 
     def write_recharging(self, recharging: bool, since_ms: int) -> None:
         if self.con.execute("SELECT 1 FROM budget_state WHERE id = 1").fetchone() is None:

@@ -6,7 +6,9 @@ through :class:`BudgetStore.atomically`, one short transaction per decision. The
 * the newest server envelope (``status``) and when it was stored;
 * the recharge-mode flag and a pending "sync requested" mark;
 * the ledger: one row per reservation (``reserved`` -> ``settled`` | ``released`` | ``failed``),
-  with the server timestamp of the envelope that includes its charge (``server_ts_ms``).
+  with the server timestamp of the envelope that includes its charge (``server_ts_ms``). ``failed``
+  means the response never arrived intact: the charge is unknown until the next stored envelope
+  re-bases it (:func:`inferred_charge`) and the row becomes ``inferred`` with what the server took.
 
 :class:`~deals_pipeline.budget.duckdb_store.DuckDBBudgetStore` shares it between processes through
 the DuckDB file. :class:`InMemoryBudgetStore` holds it in this process only: the unit tests of the
@@ -19,6 +21,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, Protocol, TypeVar
 
+from deals_pipeline.budget.rules import project_server_balance
 from deals_pipeline.budget.state import BudgetSnapshot, Reservation
 from deals_pipeline.keepa.models import TokenStatus
 
@@ -30,6 +33,29 @@ IN_FLIGHT_STATES = ("reserved", "settled", "failed")
 #: Ledger states a response may still update (a released or settled row is final).
 OPEN_STATES = ("reserved", "failed")
 LedgerGroup = Literal["owner", "purpose"]
+
+
+def inferred_charge(previous: TokenStatus, new: TokenStatus, known_charges: int) -> int:
+    """Tokens charged between two envelopes by requests whose answer never arrived.
+
+    Between ``previous`` (balance L0 at t0) and ``new`` (L1 at t1) the server refilled on its fixed
+    schedule and charged every request answered in (t0, t1] (``known_charges``, from their envelopes)
+    plus the unanswered ones: ``unknown = project(L0 -> t1) - known - L1``. Exact while the bucket stays
+    below its cap (refill above the cap is lost, and the result is then a lower bound). Never negative.
+    """
+    projected, _ = project_server_balance(previous, new.timestamp_ms)
+    return max(0, int(projected) - int(known_charges) - new.tokens_left)
+
+
+def split_charge(total: int, predicted: list[int]) -> list[int]:
+    """``total`` shared by rows in proportion to their predictions (the last takes the remainder)."""
+    weights = [max(1, int(p)) for p in predicted]
+    shares, left = [], total
+    for i, w in enumerate(weights):
+        share = left if i == len(weights) - 1 else total * w // sum(weights)
+        shares.append(share)
+        left -= share
+    return shares
 
 
 class BudgetTransaction(Protocol):
@@ -44,6 +70,10 @@ class BudgetTransaction(Protocol):
     def replace_status(self, status: TokenStatus, recorded_at_ms: int) -> None:
         """Store ``status`` as the newest envelope. Every answered (settled) or failed row without an
         envelope of its own is taken as included in it, and a pending sync request is cleared."""
+
+    def infer_unknown_charges(self, new: TokenStatus, settled_ms: int) -> tuple[int, int]:
+        """Before ``new`` replaces the stored status: settle every ``failed`` row (no envelope) at the
+        charge the two envelopes imply (:func:`inferred_charge`), state ``inferred``. (rows, tokens)."""
 
     def write_recharging(self, recharging: bool, since_ms: int) -> None:
         """Persist the recharge-mode flag (creates the state row if missing)."""
@@ -162,6 +192,25 @@ class _MemoryTransaction:
             if row.server_ts_ms is None and row.state in ("settled", "failed"):
                 row.server_ts_ms = status.timestamp_ms
         self.state.sync_requested_ms = None
+
+    def infer_unknown_charges(self, new: TokenStatus, settled_ms: int) -> tuple[int, int]:
+        s = self.state
+        unknown = sorted((row for row in s.ledger.values() if row.state == "failed" and row.server_ts_ms is None),
+                         key=lambda row: (row.reservation.created_ms, row.reservation.id))
+        if not unknown or s.status is None:
+            return 0, 0
+        t0, t1 = s.status.timestamp_ms, new.timestamp_ms
+        known = sum(
+            row.actual for row in s.ledger.values()
+            if row.state not in ("released", "failed") and row.actual is not None
+            and ((row.server_ts_ms is not None and t0 < row.server_ts_ms <= t1)
+                 or (row.server_ts_ms is None and row.state == "settled"))
+        )
+        total = inferred_charge(s.status, new, known)
+        for row, share in zip(unknown, split_charge(total, [row.reservation.predicted for row in unknown])):
+            row.state, row.actual, row.server_ts_ms = "inferred", share, t1
+            row.settled_ms = row.settled_ms if row.settled_ms is not None else settled_ms
+        return len(unknown), total
 
     def write_recharging(self, recharging: bool, since_ms: int) -> None:
         self.state.recharging, self.state.since_ms, self.state.has_state_row = recharging, since_ms, True
