@@ -19,7 +19,7 @@ from deals_pipeline.enrichment import EnrichmentPolicy, StatsRules
 from deals_pipeline.keepa.keepa_time import unix_ms_to_keepa_minute
 from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
 from deals_pipeline.storage import Database, DatabaseBusy
-from deals_pipeline_tests.backfill.test_kill_resume import _worker_env
+from deals_pipeline_tests.harness.processes import worker_env
 
 NO_PRICE_TRIGGER = 10_000.0  # percent: the price rule never fires
 
@@ -227,7 +227,7 @@ def test_a_kill_between_the_two_stages_rebuys_neither_stage(tmp_path):
     config = SimulatorConfig(refill_rate=3000, catalog_size=40)
     rules = {"max_out_of_stock_pct90": 100}  # every deal with a known value passes: stage 2 always follows
     with HoldingSimulator(config, clock=SystemClock()) as sim:
-        env = _worker_env(sim.base_url, db_path, STATS_RULES=json.dumps(rules))
+        env = worker_env(sim.base_url, db_path, extra={"STATS_RULES": json.dumps(rules)})
         cmd = [sys.executable, "-m", "deals_pipeline_tests.harness.worker", "backfill", "--pages", "0"]
         sim.hold.set()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
