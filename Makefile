@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: install test demo ui status bench clean
+.PHONY: install test test-fast demo ui status bench bench-quick clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,17 @@ $(STAMP): setup.py pyproject.toml
 
 install: $(STAMP)
 
+# pytest-xdist workers; tests wait for events, not time windows, so they hold up in parallel.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+
+# Everything: unit, integration, Dagster, subprocess and kill tests.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(PYTEST)
+
+# The unit layer (no whole stack, no Dagster, no subprocess: see deals_pipeline_tests/conftest.py), < 60 s.
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/deals-pipeline demo
@@ -29,6 +38,10 @@ status: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_benchmarks.py
+
+# Same code paths on small windows; fails when a benchmark breaks (CI runs it).
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run_benchmarks.py --quick
 
 clean:
 	rm -rf $(VENV) data *.egg-info

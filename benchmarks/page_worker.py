@@ -41,13 +41,14 @@ def peak_rss_mb() -> float:
 
 
 def instrument() -> dict:
-    """Count and time DuckDB opens and stored-snapshot loads (read + JSON parse of the page)."""
+    """Count and time DuckDB opens and stored-snapshot loads (``PageBackfill.load_snapshot``: the cached
+    read + JSON parse of the page). Patches public entry points only, so a rename fails here at once."""
     from deals_pipeline.backfill.service import PageBackfill
     from deals_pipeline.storage import db as db_module
 
     stats = {"n": 0, "s": 0.0, "snap_n": 0, "snap_s": 0.0}
     real_open = db_module.Database._open
-    real_load = PageBackfill._load_snapshot
+    real_load = PageBackfill.load_snapshot
 
     def counting_open(self):
         t = time.perf_counter()
@@ -66,7 +67,7 @@ def instrument() -> dict:
             stats["snap_s"] += time.perf_counter() - t
 
     db_module.Database._open = counting_open
-    PageBackfill._load_snapshot = timed_load
+    PageBackfill.load_snapshot = timed_load
     return stats
 
 
@@ -81,7 +82,7 @@ def run_plain(sim_url: str, db_path: str, page: int, stats: dict) -> dict:
     from deals_pipeline.storage import Database
 
     # What KeepaResource(mode="simulator") / DealsDatabaseResource / TokenBudgetResource / DealQueryResource()
-    # resolve to (resources.py), built without Dagster.
+    # resolve to (defs/resources.py), built without Dagster.
     clock = SystemClock()
     client = KeepaClient("simulator-demo-key", base_url=sim_url, domain=1, clock=clock, timeout_s=(5.0, 60.0),
                          max_attempts=4)
@@ -105,8 +106,8 @@ def run_plain(sim_url: str, db_path: str, page: int, stats: dict) -> dict:
 def run_dagster(sim_url: str, db_path: str, page: int, stats: dict) -> dict:
     import dagster as dg
 
-    from deals_pipeline.backfill.assets import deal_pages, deal_pages_job
-    from deals_pipeline.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
+    from deals_pipeline.defs.deal_pages import deal_pages, deal_pages_job
+    from deals_pipeline.defs.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
     from deals_pipeline.storage import Database
 
     resources = {
@@ -141,8 +142,8 @@ def main() -> None:
     if mode == "dagster":
         import dagster  # noqa: F401
 
-        import deals_pipeline.backfill.assets  # noqa: F401
-        import deals_pipeline.resources  # noqa: F401
+        import deals_pipeline.defs.deal_pages  # noqa: F401
+        import deals_pipeline.defs.resources  # noqa: F401
     import deals_pipeline.enrichment  # noqa: F401
     import deals_pipeline.keepa.client  # noqa: F401
 

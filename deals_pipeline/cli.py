@@ -43,7 +43,7 @@ def cmd_simulator(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from deals_pipeline.resources import default_resources
+    from deals_pipeline.defs.resources import default_resources
     from deals_pipeline.clock import clock_from_env
     from deals_pipeline.status import collect_health
     from deals_pipeline.storage import DatabaseBusy
@@ -114,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dagster_home.mkdir(parents=True)
     shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
     ready = demo_dir / "simulator.json"
-    from deals_pipeline.resources import SIMULATOR_KEY  # the key the pipeline sends in simulator mode
+    from deals_pipeline.defs.resources import SIMULATOR_KEY  # the key the pipeline sends in simulator mode
 
     bin_dir = Path(sys.executable).parent
     sim = subprocess.Popen(

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import duckdb
 import pandas as pd
 
-from deals_pipeline.budget import BudgetDeadline, Priority, Reservation, TokenBudget
+from deals_pipeline.budget import BudgetDeadline, CostEstimate, Priority, Reservation, Thresholds, TokenBudget
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import ConfigError
 from deals_pipeline.keepa.models import Deal, Product, ProductPage, TokenStatus
@@ -163,28 +163,33 @@ class ChunkEnricher:
             (plan.to_fetch if verdict.viable else plan.filtered).append(deal.asin)
         return plan
 
-    def predicted_cost(self, asin_count: int) -> int:
-        return self.budget.costs.products(asin_count, self.options)
+    def predicted_cost(self, asin_count: int, *, cap: int | None = None) -> CostEstimate:
+        """Predicted /product cost of ``asin_count`` ASINs (clamped to ``cap``, or to the live cap if None)."""
+        return self.budget.costs.products(asin_count, self.options, cap=cap)
 
-    def requests_for(self, asins: Sequence[str]) -> list[list[str]]:
+    def requests_for(self, asins: Sequence[str], limits: Thresholds) -> list[list[str]]:
         """Split ``asins`` so every request stays affordable within the bucket (HAZARDS #9/#44/#48).
 
-        A chunk of 4 always fits; a configured chunk too big for the learned refill rate (say 100 ASINs
-        with offers at 5/min) is split instead of driving the balance hundreds of tokens negative.
+        ``limits``: the policy at the live refill rate (``budget.thresholds()``). A chunk of 4 always
+        fits; a configured chunk too big for the learned refill rate (say 100 ASINs with offers at
+        5/min) is split instead of driving the balance hundreds of tokens negative.
         """
         per_request = len(asins)
-        cap = self.budget.last_cap
-        if cap is None or int(self.predicted_cost(len(asins))) * 2 > cap:
-            per_request = self.budget.max_asins_affordable(self.options, self.priority, max_asins=len(asins))
+        if int(self.predicted_cost(len(asins), cap=limits.cap)) * 2 > limits.cap:
+            per_request = self.budget.max_asins_affordable(self.options, self.priority, max_asins=len(asins),
+                                                           thresholds=limits)
         return [list(asins[i : i + per_request]) for i in range(0, len(asins), max(1, per_request))]
 
     def fetch(self, asins: Sequence[str], *, deadline_ms: int | None, detail: str) -> FetchedProducts:
         """Pay for /product. Raises BudgetDeadline (nothing spent) or a KeepaError."""
         fetched = FetchedProducts()
-        for batch in self.requests_for(asins) if asins else []:
+        if not asins:
+            return fetched
+        limits = self.budget.thresholds()
+        for batch in self.requests_for(asins, limits):
             page, reservation = self.budget.call(
                 lambda batch=batch: self.client.products(batch, self.options),
-                cost=self.predicted_cost(len(batch)),
+                cost=self.predicted_cost(len(batch), cap=limits.cap),
                 purpose="product",
                 priority=self.priority,
                 deadline_ms=deadline_ms,

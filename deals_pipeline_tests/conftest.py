@@ -104,3 +104,17 @@ def make_stack(tmp_path):
     yield make
     for sim in started:
         sim.stop()
+
+
+# -- test layers: what `make test-fast` (-m "not slow") leaves out -----------------------------------
+
+#: A test using one of these builds the whole stack (simulator + client + DuckDB file + budget) or a
+#: Dagster instance: it proves the parts work together, and it is in the slow layer.
+SLOW_FIXTURES = frozenset({"make_stack", "rec_stack", "seeded_db"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every whole-stack test ``slow`` (explicit ``@pytest.mark.slow`` covers the rest)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

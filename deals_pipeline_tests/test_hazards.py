@@ -79,7 +79,7 @@ def _updater(stack, **settings) -> RecentDealsUpdater:
 
 def test_h2_offers_10_is_rejected_before_anything_is_sent() -> None:
     """#2: `offers=10` (valid range 20..100) cost ~95 tokens per book. Every config path refuses it."""
-    from deals_pipeline.resources import DealQueryResource
+    from deals_pipeline.defs.resources import DealQueryResource
 
     for bad in (0, 10, 19, 101):
         with pytest.raises(InvalidRequest, match="offers"):
@@ -94,7 +94,7 @@ def test_h2_offers_10_is_rejected_before_anything_is_sent() -> None:
 
 def test_h9_h44_the_default_chunk_worst_case_fits_the_5_per_minute_bucket(make_stack, sample_status) -> None:
     """#9/#44: size each /product batch so its worst-case cost fits (4 ASINs ≈ 24–52 tokens at 5/min)."""
-    from deals_pipeline.resources import DealQueryResource
+    from deals_pipeline.defs.resources import DealQueryResource
 
     stack = make_stack()
     stack.budget.observe(TokenStatus.from_envelope(sample_status))  # a real envelope: 5/min, cap 300
@@ -171,10 +171,11 @@ def test_h27_h32_the_backfill_never_outranks_the_upserter() -> None:
                 assert up <= back <= max(th.cap, 1), (rate, cost, recharging)
 
 
+@pytest.mark.slow  # imports Dagster (the run reaper)
 def test_h27_liveness_comes_from_the_process_table_not_from_process_names() -> None:
     """#27: `pgrep` matched `tail -f` (a false "running"); the run reaper checks the pid recorded in the
     run's tags against the process table instead of matching process names."""
-    from deals_pipeline.run_reaper import process_alive
+    from deals_pipeline.defs.run_reaper import process_alive
 
     assert process_alive(os.getpid())
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
@@ -237,7 +238,7 @@ def test_h17_the_watermark_is_clamped_to_the_server_clock(make_stack) -> None:
 
 def test_h21_h42_the_upserter_refuses_any_sort_type_but_newest_first() -> None:
     """#21/#42: sortType 4 is percentage delta, not recency; a watermark needs sortType 1."""
-    from deals_pipeline.resources import DealQueryResource
+    from deals_pipeline.defs.resources import DealQueryResource
 
     for sort_type in (4, -4, 2, -2, 3, -3):
         with pytest.raises(ConfigError, match="sortType 1"):
@@ -463,7 +464,7 @@ def test_h5_h8_h36_filtered_deals_are_never_paid_for_and_the_rejection_rate_is_v
 def test_h45_the_query_price_type_drives_the_prefilter_and_the_stored_price(make_stack, sample_page) -> None:
     """#45: one price type for the query (`priceTypes`), the pre-filter and the stored price; #30: -1/-2
     sentinels are never read as prices."""
-    from deals_pipeline.resources import DealQueryResource
+    from deals_pipeline.defs.resources import DealQueryResource
 
     no_new = next(d for d in sample_page.deals if d.raw["current"][1] == -1)  # used offer only
     assert ViabilityRules().judge(no_new, 2).viable
@@ -538,16 +539,17 @@ def test_h6_only_live_offers_reach_the_database(make_stack) -> None:
 # -- 6. Operations ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # imports Dagster
 def test_h20_every_run_records_the_code_version() -> None:
     """#20: a stale worker ran old code unnoticed. Each asset carries the package version as code_version
     (and every run's metadata repeats it as `pipeline_version`)."""
     import deals_pipeline
-    from deals_pipeline.backfill.assets import deal_pages
-    from deals_pipeline.upsert.assets import recent_deals
+    from deals_pipeline.defs.deal_pages import deal_pages
+    from deals_pipeline.defs.recent_deals import recent_deals
 
     for asset in (deal_pages, recent_deals):
         assert set(asset.code_versions_by_key.values()) == {deals_pipeline.__version__}
-    for module in ("backfill/assets.py", "upsert/assets.py"):
+    for module in ("defs/deal_pages.py", "defs/recent_deals.py"):
         assert '"pipeline_version": __version__' in (REPO / "deals_pipeline" / module).read_text()
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from deals_pipeline.budget.cost_model import CostModel
+from deals_pipeline.budget.state import Projection
 from deals_pipeline.keepa.models import REFILL_PERIOD_MS
-
-if TYPE_CHECKING:
-    from deals_pipeline.budget.budget import TokenBudget
 
 
 @dataclass(frozen=True)
@@ -45,15 +44,15 @@ def eta_ms_for(tokens_needed: int, balance: int, refill_rate: int, next_refill_m
     return first + (refills - 1) * REFILL_PERIOD_MS
 
 
-def forecast_for(budget: "TokenBudget", pages_remaining: int, asins_remaining: int, options: Any) -> Forecast:
+def forecast_for(proj: Projection, costs: CostModel, pages_remaining: int, asins_remaining: int,
+                 options: Any) -> Forecast:
     """Forecast for ``pages_remaining`` /deal pages and ``asins_remaining`` /product ASINs with ``options``
-    (priced per request batch of at most the affordable size, so no per-request cap clamp hides cost)."""
-    proj = budget.projection()
+    from the projection ``proj`` (priced without the per-request cap clamp, so no clamp hides cost)."""
     pages = max(0, int(pages_remaining))
     asins = max(0, int(asins_remaining))
-    tokens = budget.costs.deal_pages(pages, cap=10**12).tokens if pages else 0
+    tokens = costs.deal_pages(pages, cap=10**12).tokens if pages else 0
     if asins:
-        tokens += budget.costs.products(asins, options, cap=10**12).tokens
+        tokens += costs.products(asins, options, cap=10**12).tokens
     eta = eta_ms_for(tokens, proj.balance, proj.refill_rate, proj.next_refill_ms, proj.as_of_ms)
     return Forecast(
         tokens_needed=tokens, eta_ms=eta, refill_rate=proj.refill_rate, balance=proj.balance, cap=proj.cap,

@@ -150,8 +150,9 @@ class RecentDealsUpdater:
 
     def batch_size(self) -> tuple[int, str]:
         """Deals per run from the *learned* refill rate (a plan upgrade resizes with no config change)."""
-        rate = self.budget.projection().refill_rate
-        per_deal = max(1, int(self.enricher.predicted_cost(1)))
+        projection = self.budget.projection()
+        rate = projection.refill_rate
+        per_deal = max(1, int(self.enricher.predicted_cost(1, cap=projection.cap)))
         size = max_new_deals_per_run(
             rate, mode=self.settings.sizing_mode, interval_s=self.settings.interval_s, tokens_per_deal=per_deal
         )

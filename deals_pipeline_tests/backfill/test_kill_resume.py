@@ -19,6 +19,8 @@ from deals_pipeline.clock import SystemClock
 from deals_pipeline.simulator import FaultConfig, KeepaSimulator, SimulatorConfig
 from deals_pipeline.storage import Database
 
+pytestmark = pytest.mark.slow  # SIGKILLed subprocesses
+
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 4
 

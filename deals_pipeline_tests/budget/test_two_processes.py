@@ -15,10 +15,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from deals_pipeline.budget import BudgetPolicy, TokenBudget
 from deals_pipeline.clock import ScaledClock
 from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
 from deals_pipeline.storage.db import Database
+
+pytestmark = pytest.mark.slow  # real processes sharing one DuckDB file
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]

@@ -7,18 +7,20 @@ import json
 import dagster as dg
 import pytest
 
-from deals_pipeline.backfill.assets import DEAL_PAGE_PARTITIONS, deal_pages
+from deals_pipeline.defs.deal_pages import DEAL_PAGE_PARTITIONS, deal_pages
 from deals_pipeline.clock import SystemClock
 from deals_pipeline.keepa.errors import ConfigError
-from deals_pipeline.resources import (
+from deals_pipeline.defs.resources import (
     DealQueryResource,
     DealsDatabaseResource,
     KeepaResource,
     TokenBudgetResource,
 )
-from deals_pipeline.sensors import deal_pages_sensor, recent_deals_sensor
+from deals_pipeline.defs.sensors import deal_pages_sensor, recent_deals_sensor
 from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
-from deals_pipeline.upsert.assets import recent_deals
+from deals_pipeline.defs.recent_deals import recent_deals
+
+pytestmark = pytest.mark.slow  # Dagster instances and in-process runs
 
 
 def _page_run(partition_key, instance, resources):
@@ -33,7 +35,7 @@ def test_definitions_load_with_every_asset_check_sensor_and_resource():
     assert {"deal_pages", "recent_deals"} <= keys
     assert {s.name for s in repo.sensor_defs} == {"deal_pages_sensor", "recent_deals_sensor"}
     checks = {k.name for k in repo.asset_graph.asset_check_keys}
-    assert {"no_duplicate_asins", "chunk_progress_matches_deals", "token_deficit_within_bounds",
+    assert {"rows_hold_their_own_asin", "chunk_progress_matches_deals", "token_deficit_within_bounds",
             "newest_deal_age", "watermark_not_ahead"} <= checks
     assert DEAL_PAGE_PARTITIONS.get_partition_keys() == [str(p) for p in range(67)]
     assert set(defs.resources) == {"keepa", "database", "token_budget", "query"}
@@ -117,7 +119,7 @@ def test_sensors_skip_when_the_budget_cannot_pay_for_a_chunk(tmp_path):
         resources = _resources(slow, tmp_path / "d.duckdb")
         resources["token_budget"] = TokenBudgetResource(refill_rate_guess=5)
         # Learn the (empty) balance once, as any run's first response would.
-        from deals_pipeline.resources import build_runtime
+        from deals_pipeline.defs.resources import build_runtime
 
         runtime = build_runtime(resources["keepa"], resources["database"], resources["token_budget"], owner="t")
         runtime.budget.sync()

@@ -15,9 +15,9 @@ import requests
 
 from dagster._core.instance.ref import InstanceRef
 
-from deals_pipeline.backfill.assets import deal_pages
+from deals_pipeline.defs.deal_pages import deal_pages
 from deals_pipeline.clock import SystemClock
-from deals_pipeline.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
+from deals_pipeline.defs.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
 from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ def test_webserver_serves_the_code_location_and_a_materialized_partition(tmp_pat
 
         nodes = {"/".join(n["assetKey"]["path"]): n for n in gql(CHECKS_QUERY)["assetNodes"]}
         checks = {c["name"] for n in nodes.values() for c in n["assetChecksOrError"]["checks"]}
-        assert {"no_duplicate_asins", "chunk_progress_matches_deals", "token_deficit_within_bounds",
+        assert {"rows_hold_their_own_asin", "chunk_progress_matches_deals", "token_deficit_within_bounds",
                 "newest_deal_age", "watermark_not_ahead"} <= checks
         stats = nodes["deal_pages"]["partitionStats"]
         assert stats["numPartitions"] == 67 and stats["numMaterialized"] == 1

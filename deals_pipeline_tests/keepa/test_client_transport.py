@@ -265,11 +265,24 @@ def test_constructor_validation() -> None:
         KeepaClient(KEY, domain=13)
 
 
+class _ClosingRecorder(requests.Session):
+    """A session that records how often it was closed."""
+
+    closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+        super().close()
+
+
 def test_uses_given_session(server: ScriptedServer) -> None:
     server.script(Reply(200, ENVELOPE))
-    with requests.Session() as session:
-        session.headers["User-Agent"] = "deals-pipeline-test"
-        with KeepaClient(KEY, base_url=server.url, session=session, clock=ManualClock()) as client:
-            assert client.token_status().tokens_left == 300
-        # The client did not close a session it does not own.
-        assert session.adapters
+    session = _ClosingRecorder()
+    session.headers["User-Agent"] = "deals-pipeline-test"
+    with KeepaClient(KEY, base_url=server.url, session=session, clock=ManualClock()) as client:
+        assert client.token_status().tokens_left == 300
+    # The client did not close a session it does not own; its owner does.
+    assert session.closes == 0
+    session.close()
+    assert session.closes == 1
+

@@ -324,7 +324,7 @@ def backfill_job(resources: dict) -> Any:
     """``deal_pages_job`` resolved with the given resources (as ``definitions.py`` does with the defaults)."""
     import dagster as dg
 
-    from deals_pipeline.backfill.assets import deal_pages, deal_pages_job
+    from deals_pipeline.defs.deal_pages import deal_pages, deal_pages_job
 
     defs = dg.Definitions(assets=[deal_pages], jobs=[deal_pages_job], resources=resources,
                           executor=dg.in_process_executor)

@@ -62,8 +62,8 @@ def _sensor_outcome(result) -> str:
 def test_runs_status_and_sensors_share_one_database_and_one_budget(tmp_path: Path, monkeypatch) -> None:
     from dagster import DagsterInstance, build_sensor_context
 
-    from deals_pipeline.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
-    from deals_pipeline.sensors import deal_pages_sensor, recent_deals_sensor
+    from deals_pipeline.defs.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
+    from deals_pipeline.defs.sensors import deal_pages_sensor, recent_deals_sensor
 
     clock = ScaledClock(SCALE)
     time_env = {TIME_SCALE_ENV: repr(SCALE), TIME_ANCHOR_ENV: repr(clock.anchor_wall_s)}

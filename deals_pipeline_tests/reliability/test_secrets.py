@@ -25,13 +25,15 @@ from deals_pipeline.simulator import SimulatorConfig
 from deals_pipeline_tests.keepa.http_fixture import refused_url
 from deals_pipeline_tests.reliability._support import RecordingSimulator, backfill_job, query
 
+pytestmark = pytest.mark.slow  # Dagster runs and the whole stack
+
 SELECTION = {"domainId": 1, "priceTypes": [2], "dateRange": 3, "sortType": 4}
 
 
 def _upsert_job(resources: dict):
     import dagster as dg
 
-    from deals_pipeline.upsert.assets import recent_deals, recent_deals_job
+    from deals_pipeline.defs.recent_deals import recent_deals, recent_deals_job
 
     defs = dg.Definitions(assets=[recent_deals], jobs=[recent_deals_job], resources=resources,
                           executor=dg.in_process_executor)
@@ -63,7 +65,7 @@ def test_the_sentinel_key_never_leaks(tmp_path: Path, sentinel_key: str, caplog:
                                       capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     from dagster import DagsterInstance, EnvVar
 
-    from deals_pipeline.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
+    from deals_pipeline.defs.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
 
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="urllib3")

@@ -7,11 +7,15 @@ import random
 import sys
 import time
 
+import pytest
+
 from deals_pipeline.clock import ScaledClock
 from deals_pipeline.simulator import FaultConfig, KeepaSimulator, SimulatorConfig
 from deals_pipeline.storage import Database
 from deals_pipeline.upsert.service import UpsertSettings, Watermark, read_watermark
 from deals_pipeline_tests.backfill.test_kill_resume import _finish, _kill_loop, _worker_env
+
+pytestmark = pytest.mark.slow  # SIGKILLed subprocesses
 
 CHUNK = 4
 OVERLAP = UpsertSettings.__dataclass_fields__["overlap_minutes"].default

@@ -1,4 +1,4 @@
-"""`recent_deals`: keep the newest deals fresh (thin: logic is in service.py)."""
+"""`recent_deals`: keep the newest deals fresh (thin: logic is in deals_pipeline/upsert/service.py)."""
 
 
 from datetime import timedelta
@@ -6,7 +6,7 @@ from datetime import timedelta
 import dagster as dg
 
 from deals_pipeline import __version__
-from deals_pipeline.resources import (
+from deals_pipeline.defs.resources import (
     DealQueryResource,
     DealsDatabaseResource,
     KeepaResource,
@@ -33,7 +33,7 @@ def recent_deals(
     query: DealQueryResource,
 ) -> dg.MaterializeResult:
     runtime = build_runtime(keepa, database, token_budget, owner=f"upsert:{context.run_id[:8]}")
-    updater = runtime.recent_deals(query)
+    updater = runtime.recent_deals(query.upsert_settings())
 
     def progress(report) -> None:
         context.log.info(

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass
 from typing import Optional
 
 import dagster as dg
 from pydantic import Field
 
-from deals_pipeline.backfill.service import BackfillSettings, PageBackfill
+from deals_pipeline.backfill.service import BackfillSettings
 from deals_pipeline.budget import BudgetPolicy, TokenBudget
 from deals_pipeline.clock import Clock, clock_from_env
 from deals_pipeline.config import (
@@ -37,7 +36,8 @@ from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import ConfigError
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.storage import Database
-from deals_pipeline.upsert.service import RecentDealsUpdater, UpsertSettings
+from deals_pipeline.runtime import Runtime
+from deals_pipeline.upsert.service import UpsertSettings
 
 SIMULATOR_KEY = "simulator-demo-key"
 _embedded_lock = threading.Lock()
@@ -106,7 +106,7 @@ class DealsDatabaseResource(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """At each run start: record this run's process, and free slots held by killed runs."""
         if context.instance is not None and context.run_id:
-            from deals_pipeline.run_reaper import reap_dead_runs, register_run_process
+            from deals_pipeline.defs.run_reaper import reap_dead_runs, register_run_process
 
             register_run_process(context.instance, context.run_id)
             reap_dead_runs(context.instance, current_run_id=context.run_id)
@@ -189,26 +189,6 @@ class DealQueryResource(dg.ConfigurableResource):
                               interval_s=self.upsert_interval_s)
 
 
-@dataclass
-class Runtime:
-    """The services one run uses, built from the resources."""
-
-    db: Database
-    client: KeepaClient
-    budget: TokenBudget
-    clock: Clock
-    source: str
-    deadline_ms: int
-
-    def page_backfill(self, query: DealQueryResource) -> PageBackfill:
-        return PageBackfill(self.db, self.client, self.budget, query.backfill_settings(), clock=self.clock,
-                            source=self.source)
-
-    def recent_deals(self, query: DealQueryResource) -> RecentDealsUpdater:
-        return RecentDealsUpdater(self.db, self.client, self.budget, query.upsert_settings(), clock=self.clock,
-                                  source=self.source)
-
-
 def build_runtime(
     keepa: KeepaResource,
     database: DealsDatabaseResource,
@@ -217,6 +197,7 @@ def build_runtime(
     owner: str,
     clock: Clock | None = None,
 ) -> Runtime:
+    """The services of one run from the Dagster resources (a key-less run fails here, before any spend)."""
     clock = clock or clock_from_env()
     client, source = keepa.build_client(clock)
     db = database.database(data_mode=source)

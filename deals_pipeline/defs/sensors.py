@@ -11,7 +11,7 @@ import os
 
 import dagster as dg
 
-from deals_pipeline.backfill.assets import deal_pages_job
+from deals_pipeline.defs.deal_pages import deal_pages_job
 from deals_pipeline.budget import BudgetError, Priority
 from deals_pipeline.clock import clock_from_env
 from deals_pipeline.config import (
@@ -22,9 +22,9 @@ from deals_pipeline.config import (
 )
 from deals_pipeline.keepa.errors import ConfigError
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE
-from deals_pipeline.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
+from deals_pipeline.defs.resources import DealQueryResource, DealsDatabaseResource, KeepaResource, TokenBudgetResource
 from deals_pipeline.storage import DatabaseBusy
-from deals_pipeline.upsert.assets import recent_deals_job
+from deals_pipeline.defs.recent_deals import recent_deals_job
 
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,

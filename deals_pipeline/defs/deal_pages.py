@@ -1,4 +1,4 @@
-"""`deal_pages`: one partition per Keepa deal page, one op per chunk (thin: logic is in service.py).
+"""`deal_pages`: one partition per Keepa deal page, one op per chunk (thin: logic is in deals_pipeline/backfill/service.py).
 
 Partitions are static, "0".."66": Keepa serves at most pages 0-66 for a query, so every key is
 known up front, `dagster asset materialize --partition 4` works without registering keys first,
@@ -13,11 +13,11 @@ from deals_pipeline import __version__
 from deals_pipeline.backfill.service import page_count_for
 from deals_pipeline.budget import BudgetDeadline
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE
-from deals_pipeline.resources import (
+from deals_pipeline.runtime import Runtime
+from deals_pipeline.defs.resources import (
     DealQueryResource,
     DealsDatabaseResource,
     KeepaResource,
-    Runtime,
     TokenBudgetResource,
     build_runtime,
 )
@@ -41,7 +41,7 @@ def fetch_page_snapshot(
     """Fetch the page once (or reuse its stored snapshot) and fan out its unfinished chunks."""
     page = int(context.partition_key)
     runtime = _runtime(context, keepa, database, token_budget)
-    backfill = runtime.page_backfill(query)
+    backfill = runtime.page_backfill(query.backfill_settings())
     try:
         snapshot = backfill.snapshot(page, deadline_ms=runtime.deadline_ms)
     except BudgetDeadline as stop:
@@ -75,7 +75,7 @@ def process_chunk(
         return {"status": "none", "deferred": bool(work.get("deferred"))}
     page = int(context.partition_key)
     runtime = _runtime(context, keepa, database, token_budget)
-    backfill = runtime.page_backfill(query)
+    backfill = runtime.page_backfill(query.backfill_settings())
     snapshot = backfill.load_snapshot(page)
     if snapshot is None:  # pragma: no cover - fetch_page_snapshot always stores it first
         raise dg.Failure(f"page {page} has no stored snapshot")
@@ -109,7 +109,7 @@ def write_page_summary(
     """Write the page summary; fail the run (progress kept) when chunks failed, so they are retried."""
     page = int(context.partition_key)
     runtime = _runtime(context, keepa, database, token_budget)
-    backfill = runtime.page_backfill(query)
+    backfill = runtime.page_backfill(query.backfill_settings())
     snapshot = backfill.load_snapshot(page)
     if snapshot is None:
         yield dg.Output(None, metadata={"page": page, "complete": False, "note": "page not fetched: budget deadline"})

@@ -4,7 +4,7 @@
 import dagster as dg
 
 from deals_pipeline.clock import clock_from_env
-from deals_pipeline.resources import DealsDatabaseResource, KeepaResource, TokenBudgetResource
+from deals_pipeline.defs.resources import DealsDatabaseResource, KeepaResource, TokenBudgetResource
 from deals_pipeline.status import newest_deal_age_minutes
 
 NEWEST_DEAL_MAX_AGE_MINUTES = 24 * 60
@@ -14,11 +14,26 @@ def _db(keepa: KeepaResource, database: DealsDatabaseResource):
     return database.database(data_mode=keepa.data_mode())
 
 
-@dg.asset_check(asset="deal_pages", description="Every ASIN is stored once.", blocking=False)
-def no_duplicate_asins(keepa: KeepaResource, database: DealsDatabaseResource) -> dg.AssetCheckResult:
+# A row whose key is not a valid ASIN, or whose raw deal / raw product JSON names another ASIN, holds
+# another deal's data (a mis-keyed write). `asin` is the primary key, so duplicates cannot exist; this is
+# what "each ASIN stored once, with its own data" can still get wrong.
+MISKEYED_ROWS_SQL = """
+SELECT asin FROM deals
+WHERE NOT regexp_full_match(asin, '[0-9A-Z]{10}')
+   OR json_extract_string(raw_deal, '$.asin') IS DISTINCT FROM asin
+   OR (raw_product IS NOT NULL AND json_extract_string(raw_product, '$.asin') IS DISTINCT FROM asin)
+ORDER BY asin
+"""
+
+
+@dg.asset_check(asset="deal_pages", description="Each row holds its own deal: a valid ASIN, the one in its raw "
+                "deal and raw product JSON.", blocking=False)
+def rows_hold_their_own_asin(keepa: KeepaResource, database: DealsDatabaseResource) -> dg.AssetCheckResult:
     with _db(keepa, database).connect() as con:
-        total, distinct = con.execute("SELECT count(*), count(DISTINCT asin) FROM deals").fetchone()
-    return dg.AssetCheckResult(passed=total == distinct, metadata={"rows": total, "distinct_asins": distinct})
+        rows = con.execute("SELECT count(*) FROM deals").fetchone()[0]
+        miskeyed = [r[0] for r in con.execute(MISKEYED_ROWS_SQL).fetchall()]
+    return dg.AssetCheckResult(passed=not miskeyed, metadata={"rows": rows, "miskeyed_rows": len(miskeyed),
+                                                              "miskeyed_examples": str(miskeyed[:5])})
 
 
 @dg.asset_check(asset="deal_pages", description="Every ASIN of every done chunk is in `deals`.")
@@ -70,5 +85,5 @@ def watermark_not_ahead(keepa: KeepaResource, database: DealsDatabaseResource) -
                                metadata={"watermark_minute": wm[0], "newest_stored_minute": newest or -1})
 
 
-ALL_CHECKS = [no_duplicate_asins, chunk_progress_matches_deals, token_deficit_within_bounds, newest_deal_age,
+ALL_CHECKS = [rows_hold_their_own_asin, chunk_progress_matches_deals, token_deficit_within_bounds, newest_deal_age,
               watermark_not_ahead]
