@@ -951,7 +951,7 @@ def main() -> None:
 
 def core(tmp: Path, q: bool, m: dict, args: argparse.Namespace, command: str) -> tuple[str, list[str]]:
     """The built-in sections 1-5: (markdown, problems)."""
-    log("1+2. 24 simulated hours at 5 tokens/min (backfill + upserter, drift on)")
+    log("1+2. 24 simulated hours at 5 tokens/min (backfill + upserter, calibrated churn)")
     main_run = run_simulation(tmp, name="main", rate=5, hours=0.25 if q else 24, catalog_size=800,
                               churn_scale=1.0, initial_tokens=None)
     log(f"  done: {main_run['wall_s']:.0f}s wall, utilisation {main_run['util_all_in']:.3f} / "
