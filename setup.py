@@ -23,6 +23,8 @@ setup(
             "hypothesis>=6.100,<7",
             "psutil>=5.9,<8",
             "pytest-timeout>=2.3,<3",
+            "pytest-xdist>=3.6,<4",
+            "keepa>=1.6,<2",  # the public Keepa client, a second client of the simulator in tests
             "dagster-dg-cli>=1.13,<1.14",  # `dg check defs`
             "dagster-postgres>=0.29,<0.30",  # the soak runs the production instance
         ],

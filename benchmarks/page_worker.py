@@ -41,13 +41,14 @@ def peak_rss_mb() -> float:
 
 
 def instrument() -> dict:
-    """Count and time DuckDB opens and stored-snapshot loads (read + JSON parse of the page)."""
+    """Count and time DuckDB opens and stored-snapshot loads (``PageBackfill.load_snapshot``: the cached
+    read + JSON parse of the page). Patches public entry points only, so a rename fails here at once."""
     from deals_pipeline.backfill.service import PageBackfill
     from deals_pipeline.storage import db as db_module
 
     stats = {"n": 0, "s": 0.0, "snap_n": 0, "snap_s": 0.0}
     real_open = db_module.Database._open
-    real_load = PageBackfill._load_snapshot
+    real_load = PageBackfill.load_snapshot
 
     def counting_open(self):
         t = time.perf_counter()
@@ -66,7 +67,7 @@ def instrument() -> dict:
             stats["snap_s"] += time.perf_counter() - t
 
     db_module.Database._open = counting_open
-    PageBackfill._load_snapshot = timed_load
+    PageBackfill.load_snapshot = timed_load
     return stats
 
 

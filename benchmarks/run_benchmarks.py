@@ -11,7 +11,10 @@ shared machine. Absolute wall times are reported for context only. Sections:
 4. Storage: ``upsert_deals`` of 100,000 deals vs a plain ``INSERT ... SELECT``; peak RSS of a page run.
 5. Scaling: the same simulation at 5, 50 and 500 tokens/min.
 
-``--quick`` shrinks every size to smoke-test the script (writes to /tmp unless ``--output`` is given).
+Scenario modules in ``benchmarks/`` add sections after these (see ``benchmarks/sections.py``).
+
+``--quick`` runs the same code paths on small windows (writes to /tmp unless ``--output`` is given);
+CI runs it. Any section that raises or whose check finds a problem makes the run exit non-zero.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from deals_pipeline.storage import db as db_module  # noqa: E402
 from deals_pipeline.storage.repository import DEAL_COLUMNS, deal_rows, stored_deals, upsert_deals, utcnow  # noqa: E402
 from deals_pipeline_tests.conftest import Stack  # noqa: E402
 from deals_pipeline_tests.harness.simulation import simulate  # noqa: E402
+from sections import BenchContext, Section, discover  # noqa: E402  (benchmarks/ is the script's directory)
 
 T_START = time.perf_counter()
 
@@ -357,12 +361,12 @@ def page_run(mode: str, sim_url: str, db_path: Path, page: int = 0) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def orchestration(tmp: Path) -> dict:
+def orchestration(tmp: Path, pairs: int = 2) -> dict:
     sim = KeepaSimulator(SimulatorConfig(refill_rate=100_000), clock=SystemClock()).start()
     try:
         out: dict = {"runs": []}
         # Alternating, so a change in machine load hits both sides.
-        for i, mode in enumerate(("plain", "dagster", "plain", "dagster")):
+        for i, mode in enumerate(("plain", "dagster") * pairs):
             sim.reset_stats()
             res = page_run(mode, sim.base_url, tmp / f"orch_{i}_{mode}.duckdb")
             st = sim.stats()
@@ -525,6 +529,10 @@ def machine() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/RESULTS.md"], cwd=ROOT,
+                                 capture_output=True, text=True).stdout.strip()
+        if changed:
+            commit += " + uncommitted changes"
     except OSError:
         commit = "?"
     return {
@@ -733,7 +741,7 @@ def render(m: dict, main: dict, scaling: list[dict], dense: list[dict], orch: di
     pl_snap_s = statistics.fmean(r["snapshot_load_s"] for r in pl)
     a(f"- Where the extra time goes (measured in the workers): time inside `Database._open` "
       f"{pl_open_s:.2f} s plain vs {dag['duckdb_open_s']:.2f} s Dagster (closing a connection, which checkpoints, is "
-      f"not included); stored-snapshot loads (`PageBackfill._load_snapshot`: read + parse the 150-deal page JSON) "
+      f"not included); stored-snapshot loads (`PageBackfill.load_snapshot`: read + parse the 150-deal page JSON, cached per process) "
       f"{statistics.fmean(r['snapshot_loads'] for r in pl):.0f} × = {pl_snap_s:.2f} s plain vs "
       f"{dag['snapshot_loads']:.0f} × = {dag['snapshot_load_s']:.2f} s Dagster (means per run). Together "
       f"{1000 * ((dag['duckdb_open_s'] - pl_open_s) + (dag['snapshot_load_s'] - pl_snap_s)) / orch['chunks']:.0f} ms of "
@@ -864,44 +872,108 @@ def render(m: dict, main: dict, scaling: list[dict], dense: list[dict], orch: di
     return "\n".join(L)
 
 
+def core_problems(main_run: dict, scaling: list[dict], dense: list[dict], orch: dict, store: dict) -> list[str]:
+    """What would make the built-in sections' figures meaningless (checked in --quick mode too)."""
+    problems = []
+    for r in scaling:
+        if r["enriched_stored"] <= 0 or r["consumed"] <= 0:
+            problems.append(f"simulation at {r['rate']}/min stored {r['enriched_stored']} deals for {r['consumed']} tokens")
+    if not main_run["ages"]:
+        problems.append("no upsert run measured a newest-deal age")
+    if any(d["first_selected"] <= 0 for d in dense):
+        problems.append(f"an upsert first run selected nothing: {[d['first_selected'] for d in dense]}")
+    if not all(r["complete"] for r in orch["runs"]):
+        problems.append("a page run did not complete")
+    if store["rows"] <= 0 or not store["insert_s"] > 0:
+        problems.append(f"storage measured nothing: {store['rows']} rows")
+    return problems
+
+
+def run_sections(sections: list[Section], ctx: BenchContext) -> tuple[list[str], list[str]]:
+    """(markdown lines, problems) of the scenario modules' sections."""
+    lines: list[str] = []
+    problems: list[str] = []
+    for section in sections:
+        log(f"{section.name}: {section.title}")
+        try:
+            result = section.measure(ctx)
+            problems += [f"{section.name}: {p}" for p in section.check(result)]
+            body = section.render(result)
+        except Exception as exc:  # a broken section fails the run, after the others have run
+            problems.append(f"{section.name}: {type(exc).__name__}: {exc}")
+            body = [f"**Broken:** `{type(exc).__name__}: {exc}`"]
+        lines += ["", f"## {section.title}", "", *body]
+    return lines, problems
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, to smoke-test the script")
+    parser.add_argument("--quick", action="store_true",
+                        help="small windows, same code paths: CI's check that every benchmark still runs")
     parser.add_argument("--output", type=Path, default=None, help="where to write RESULTS.md")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated scenario sections to run, without the built-in ones")
     args = parser.parse_args()
     output = args.output or (Path(tempfile.gettempdir()) / "deals_pipeline_RESULTS_quick.md" if args.quick
                              else BENCH_DIR / "RESULTS.md")
     q = args.quick
+    sections = discover(BENCH_DIR)
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = sorted(set(wanted) - {s.name for s in sections})
+        if unknown:
+            raise SystemExit(f"unknown benchmark sections {unknown}; registered: {[s.name for s in sections]}")
+        sections = [s for s in sections if s.name in wanted]
     command = "python benchmarks/run_benchmarks.py" + (" --quick" if q else "") + (
-        f" --output {args.output}" if args.output else "")
+        f" --output {args.output}" if args.output else "") + (f" --only {args.only}" if args.only else "")
     m = machine()
-    log(f"machine: {m['cpu']}, {m['cores']} cores; load {os.getloadavg()[0]:.1f}")
+    log(f"machine: {m['cpu']}, {m['cores']} cores; load {os.getloadavg()[0]:.1f}; commit {m['commit']}")
+    log(f"scenario sections: {[s.name for s in sections] or 'none'}")
     with tempfile.TemporaryDirectory(prefix="deals_bench_") as tmpdir:
         tmp = Path(tmpdir)
-        log("1+2. 24 simulated hours at 5 tokens/min (backfill + upserter, drift on)")
-        main_run = run_simulation(tmp, name="main", rate=5, hours=0.5 if q else 24, catalog_size=800,
-                                  churn_scale=1.0, initial_tokens=None)
-        log(f"  done: {main_run['wall_s']:.0f}s wall, utilisation {main_run['util_all_in']:.3f} / "
-            f"{main_run['util_physical']:.3f}, age max {main_run['age_max']}")
-        scaling = [main_run]
-        for rate, hours in ((50, 1.0), (500, 1 / 6)):
-            hours = hours / 4 if q else hours
-            log(f"5. scaling: {rate} tokens/min for {hours * 60:.0f} simulated minutes")
-            r = run_simulation(tmp, name=f"rate{rate}", rate=rate, hours=hours, catalog_size=800,
-                               churn_scale=rate / 5, initial_tokens=0)
-            log(f"  done: {r['wall_s']:.0f}s wall, {r['enriched_stored']} deals")
-            scaling.append(r)
-        log("2b. upserter's second run on a sparse vs dense deal list (no drift)")
-        dense = [first_runs_on_catalog(tmp, size) for size in (800, 10_000)]
-        log("  " + "; ".join(f"{d['catalog_size']}: {d['second_candidates']} candidates" for d in dense))
-        log("3. orchestration overhead: one page, plain vs Dagster (fresh processes)")
-        orch = orchestration(tmp)
-        log("4. storage")
-        store = storage(tmp, 5_000 if q else 100_000)
+        problems: list[str] = []
+        text = ""
+        if not args.only:
+            text, problems = core(tmp, q, m, args, command)
+        extra, extra_problems = run_sections(sections, BenchContext(tmp=tmp, quick=q, log=log))
+    if args.only:
+        text = (f"# deals_pipeline benchmarks (sections {args.only})\n\nProduced by `{command}` on {m['date']}, "
+                f"commit `{m['commit']}`.{' **QUICK MODE: reduced sizes, not the real figures.**' if q else ''}\n")
+    problems += extra_problems
     total = time.perf_counter() - T_START
-    text = render(m, main_run, scaling, dense, orch, store, args, total, command)
-    output.write_text(text)
+    output.write_text(text + "\n".join(extra) + "\n")
     log(f"wrote {output} ({total:.0f}s total)")
+    if problems:
+        for problem in problems:
+            log(f"BROKEN: {problem}")
+        raise SystemExit(f"{len(problems)} benchmark problem(s); see above")
+
+
+def core(tmp: Path, q: bool, m: dict, args: argparse.Namespace, command: str) -> tuple[str, list[str]]:
+    """The built-in sections 1-5: (markdown, problems)."""
+    log("1+2. 24 simulated hours at 5 tokens/min (backfill + upserter, calibrated churn)")
+    main_run = run_simulation(tmp, name="main", rate=5, hours=0.25 if q else 24, catalog_size=800,
+                              churn_scale=1.0, initial_tokens=None)
+    log(f"  done: {main_run['wall_s']:.0f}s wall, utilisation {main_run['util_all_in']:.3f} / "
+        f"{main_run['util_physical']:.3f}, age max {main_run['age_max']}")
+    scaling = [main_run]
+    for rate, hours in ((50, 1.0), (500, 1 / 6)):
+        hours = hours / 10 if q else hours
+        log(f"5. scaling: {rate} tokens/min for {hours * 60:.0f} simulated minutes")
+        r = run_simulation(tmp, name=f"rate{rate}", rate=rate, hours=hours, catalog_size=800,
+                           churn_scale=rate / 5, initial_tokens=0)
+        log(f"  done: {r['wall_s']:.0f}s wall, {r['enriched_stored']} deals")
+        scaling.append(r)
+    log("2b. upserter's second run on a sparse vs dense deal list (no drift)")
+    dense = [first_runs_on_catalog(tmp, size) for size in ((800, 2_000) if q else (800, 10_000))]
+    log("  " + "; ".join(f"{d['catalog_size']}: {d['second_candidates']} candidates" for d in dense))
+    log("3. orchestration overhead: one page, plain vs Dagster (fresh processes)")
+    orch = orchestration(tmp, pairs=1 if q else 2)
+    log("4. storage")
+    store = storage(tmp, 5_000 if q else 100_000)
+    total = time.perf_counter() - T_START
+    return render(m, main_run, scaling, dense, orch, store, args, total, command), core_problems(
+        main_run, scaling, dense, orch, store)
 
 
 if __name__ == "__main__":

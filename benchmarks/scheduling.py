@@ -113,8 +113,8 @@ def run_one(tmp: Path, *, hours: float, rate: int = 5, ordering: str | None = No
 def section(results: list[dict]) -> str:
     """The RESULTS.md section (Markdown)."""
     out = ["## When to spend: shares, deferral, adaptive polling (benchmarks/scheduling.py)", "",
-           "24 simulated hours at 5 tokens/min from an empty bucket, catalog 2,000 deals, churn "
-           + ", ".join(f"{k}={v:g}" for k, v in results[0]["churn"].items())
+           f"{results[0]['hours']:.0f} simulated hours at 5 tokens/min from an empty bucket, catalog 2,000 deals, churn "
+           + ", ".join(f"{k}={v}" for k, v in results[0]["churn"].items() if k != "sort1_orders_by")
            + ". One keepa_api slot shared by the two sensors' runs; every op waits at most 120 s in the slot, "
            "else defers. Discovery lag = minutes from a new deal becoming visible in the simulator to the pipeline "
            "holding it in `deals` (lossless discovery stores every deal of a paid page); never-discovered deals count until the end.",
@@ -163,6 +163,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.ordering:
             results = [run_one(Path(tmp), hours=args.hours, ordering=args.ordering)]
+            print({k: v for k, v in results[-1].items() if k != "churn"}, flush=True)
         else:
             results = run_all(Path(tmp), hours=args.hours)
     text = section(results)

@@ -34,3 +34,11 @@ ENV_RUN_BUDGET_MINUTES = "DEALS_RUN_BUDGET_MINUTES"
 DEFAULT_DB_PATH = "data/deals.duckdb"
 DEFAULT_UPSERT_INTERVAL_S = 300
 DEFAULT_BACKFILL_SENSOR_INTERVAL_S = 60
+ENV_DAGSTER_HOME = "DAGSTER_HOME"
+
+#: The one place for Dagster state (runs, partitions, checks) unless DAGSTER_HOME says otherwise. The demo,
+#: `make ui`, `make status` and every `deals-pipeline` command use it and DEFAULT_DB_PATH, both relative to the
+#: directory the command runs in (the Makefile passes the project root).
+DEFAULT_DAGSTER_HOME = "dagster_home"
+#: Pages Keepa serves for one query: 0..MAX_PAGE (the partitions of `deal_pages`).
+MAX_PAGE = 66

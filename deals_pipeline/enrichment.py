@@ -16,6 +16,8 @@ and a newer lastUpdate refreshed its deal-page fields for free. What is left her
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -23,15 +25,18 @@ from typing import Any, Sequence
 import duckdb
 import pandas as pd
 
-from deals_pipeline.budget import BudgetDeadline, Priority, Reservation, TokenBudget
+from deals_pipeline.budget import BudgetDeadline, CostEstimate, Priority, Reservation, Thresholds, TokenBudget
 from deals_pipeline.keepa.client import KeepaClient
-from deals_pipeline.keepa.errors import ConfigError
+from deals_pipeline.keepa.errors import ConfigError, MalformedPayload, ResponseLost
 from deals_pipeline.keepa.models import Deal, Product, ProductPage, TokenStatus
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.storage import Database
 from deals_pipeline.storage.repository import (
     Stage1Result, StoredDeal, Viability, deal_rows, record_stage1, stored_deals, upsert_deals,
 )
+from deals_pipeline.storage.spool import PaidSpool, SpoolEntry
+
+log = logging.getLogger(__name__)
 
 #: Keepa's COUNT_USED price type: the used-offer count in ``current`` / ``stats.current``.
 COUNT_USED = 12
@@ -130,6 +135,11 @@ class StatsRules:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+#: The operators' default stats rule (the Dagster resource's default; the library default is no rule):
+#: skip deals whose used offers were out of stock more than half of the last 90 days (a thin market
+#: that rarely sells). Measured effect: benchmarks/economics.py.
+DEFAULT_STATS_RULES = StatsRules(max_out_of_stock_pct90=50)
+
 #: Defaults of the re-enrichment policy (documented in README "Configuration").
 DEFAULT_REENRICH_AFTER_HOURS = 72.0
 DEFAULT_REENRICH_PRICE_CHANGE_PCT = 10.0
@@ -203,32 +213,66 @@ class ChunkPlan:
 
 @dataclass
 class FetchedProducts:
-    """What /product returned for a chunk: one response, or several when the chunk had to be split."""
+    """What /product returned for a chunk: its own responses and the spooled ones it replays.
 
-    pages: list[ProductPage] = field(default_factory=list)
-    reservations: list[Reservation] = field(default_factory=list)
+    ``settlements`` are the responses whose ledger rows the chunk's commit settles; ``entries`` the
+    spool files that commit consumes; ``tokens`` what those responses' envelopes say was charged.
+    """
 
-    @property
-    def tokens(self) -> int:
-        return sum(p.status.tokens_consumed for p in self.pages)
+    products: dict[str, Product] = field(default_factory=dict)
+    settlements: list[tuple[Reservation, TokenStatus]] = field(default_factory=list)
+    entries: list[SpoolEntry] = field(default_factory=list)
+    tokens: int = 0
+    replayed: int = 0  #: spool entries reused instead of paying again
 
     @property
     def status(self) -> TokenStatus | None:
-        return self.pages[-1].status if self.pages else None
+        return self.settlements[-1][1] if self.settlements else None
 
     def by_asin(self) -> dict[str, Product]:
-        return {p.asin: p for page in self.pages for p in page.products}
+        return dict(self.products)
 
-    def raw(self) -> dict[str, Any]:
-        """One response body holding every product (for staging), with the total tokensConsumed."""
-        merged = dict(self.pages[-1].raw)
-        merged["products"] = [p for page in self.pages for p in page.raw.get("products", [])]
-        merged["tokensConsumed"] = self.tokens
-        return merged
+    def absorb(self, entry: SpoolEntry, *, replayed: bool = False) -> None:
+        """Take one spooled response's products and settlement."""
+        payload = entry.payload
+        for obj in payload.get("products") or []:
+            try:
+                product = Product.from_json(obj)
+            except MalformedPayload:
+                continue  # reported as missing by the caller, fetched again
+            self.products.setdefault(product.asin, product)
+        status = _status_from(payload.get("status"))
+        reservation = _reservation_from(payload.get("reservation"))
+        if status is not None:
+            self.tokens += status.tokens_consumed
+            if reservation is not None:
+                self.settlements.append((reservation, status))
+        self.entries.append(entry)
+        if replayed:
+            self.replayed += 1
 
-    @classmethod
-    def from_staged(cls, body: dict[str, Any]) -> "FetchedProducts":
-        return cls([ProductPage.from_response(body)], [])
+
+def _status_from(obj: Any) -> TokenStatus | None:
+    if not obj:
+        return None
+    return TokenStatus.from_envelope(obj)
+
+
+def _status_to(status: TokenStatus | None) -> dict[str, Any] | None:
+    if status is None:
+        return None
+    return {**status.to_envelope(), "tokensConsumed": status.tokens_consumed}
+
+
+def _reservation_from(obj: Any) -> Reservation | None:
+    if not obj:
+        return None
+    return Reservation(**{**obj, "priority": Priority(int(obj["priority"]))})
+
+
+#: A /product answer lost in transit (ResponseLost) is not retried blindly: what arrived is kept and
+#: only the missing ASINs are requested again, at most this many times per chunk.
+MAX_LOST_REREQUESTS = 2
 
 
 class ChunkEnricher:
@@ -248,9 +292,12 @@ class ChunkEnricher:
         origin: str,
         priority: Priority,
         policy: EnrichmentPolicy | None = None,
+        spool: PaidSpool | None = None,
     ) -> None:
         self.policy = policy or EnrichmentPolicy()
         self.db = db
+        #: Paid responses are staged here before any database work (default: beside the DB file).
+        self.spool = spool if spool is not None else PaidSpool.beside(db.path)
         self.client = client
         self.budget = budget
         self.options = options
@@ -301,6 +348,9 @@ class ChunkEnricher:
                 if self.policy.stage1_holds(known, now_ms):
                     plan.fresh.append(deal.asin)
                     continue
+            elif known is not None and known.state == "filtered" and known.last_update_minute >= deal.last_update:
+                plan.fresh.append(deal.asin)  # a deal-page verdict on this version stands (judged again when it changes)
+                continue
             verdict = self.rules.judge(deal, self.price_type)
             if not verdict.viable:
                 plan.viability[deal.asin] = verdict
@@ -316,9 +366,12 @@ class ChunkEnricher:
                 plan.to_fetch.append(deal.asin)
         return plan
 
-    def screen(self, plan: ChunkPlan, *, deadline_ms: int | None, detail: str) -> FetchedProducts:
-        """Stage 1: pay for /product without offers for ``plan.to_screen``. Raises BudgetDeadline or KeepaError."""
-        return self.fetch(plan.to_screen, deadline_ms=deadline_ms, detail=f"{detail} stage 1", options=self.stage1_options)
+    def screen(self, plan: ChunkPlan, *, deadline_ms: int | None, detail: str, scope: str,
+               deals: Sequence[Deal] | None = None) -> FetchedProducts:
+        """Stage 1: pay for /product without offers for ``plan.to_screen`` (spooled under ``scope`` + "-s1",
+        consumed by the caller after :meth:`commit_screen`). Raises BudgetDeadline or KeepaError."""
+        return self.fetch(plan.to_screen, deadline_ms=deadline_ms, detail=f"{detail} stage 1", scope=f"{scope}-s1",
+                          deals=deals, options=self.stage1_options)
 
     def commit_screen(self, con: duckdb.DuckDBPyConnection, plan: ChunkPlan, fetched: FetchedProducts) -> list[str]:
         """Store stage-1 verdicts and settle their spend on ``con``; move survivors to ``plan.to_fetch``.
@@ -353,14 +406,17 @@ class ChunkEnricher:
         # Rows first (a screened deal the page-discovery did not store yet), then the verdicts.
         upsert_deals(con, self._rows([d for d in plan.deals if d.asin in set(plan.to_screen)], {}, {}))
         record_stage1(con, results)
-        for page, reservation in zip(fetched.pages, fetched.reservations):
-            self.budget.settle(reservation, page.status.tokens_consumed, page.status, con=con)
+        for reservation, status in fetched.settlements:
+            self.budget.settle(reservation, status.tokens_consumed, status, con=con)
         plan.to_screen = []
         plan.to_fetch.extend(survivors)
         return survivors
 
-    def predicted_cost(self, asin_count: int, options: ProductOptions | None = None) -> int:
-        return self.budget.costs.products(asin_count, options or self.options)
+    def predicted_cost(self, asin_count: int, options: ProductOptions | None = None, *,
+                       cap: int | None = None) -> CostEstimate:
+        """Predicted /product cost of ``asin_count`` ASINs with ``options`` (stage 2 by default), clamped
+        to ``cap`` (or to the live cap if None)."""
+        return self.budget.costs.products(asin_count, options or self.options, cap=cap)
 
     def expected_cost_per_deal(self) -> float:
         """Expected tokens to enrich one candidate deal: stage 1 plus stage 2 times the measured stage-1
@@ -370,44 +426,113 @@ class ChunkEnricher:
         return self.budget.costs.two_stage_per_candidate(self.stage1_options, self.options, self.stage1_pass_rate())
 
     def stage1_pass_rate(self) -> float:
-        """Share of stage-1 verdicts that passed (last 500 judged deals; 1.0 before any: the pessimistic prior)."""
-        with self.db.connect() as con:
-            row = con.execute(
-                "SELECT count(*), count(*) FILTER (stage1_passed) FROM (SELECT stage1_passed FROM deals "
-                "WHERE stage1_at_ms IS NOT NULL ORDER BY stage1_at_ms DESC LIMIT 500)"
-            ).fetchone()
-        return 1.0 if not row[0] else row[1] / row[0]
+        return stage1_pass_rate(self.db)
 
-    def requests_for(self, asins: Sequence[str], options: ProductOptions | None = None) -> list[list[str]]:
+    def split_limit(self, limits: Thresholds) -> int:
+        """Largest worst-case cost one request may plan: the spending rule's ceiling for this priority
+        (``cap - upsert_reserve + max_deficit`` for the backfill), so even a request whose every offer
+        page is found leaves the balance at or above ``-max_deficit``."""
+        reserve = limits.upsert_reserve if self.priority == Priority.BACKFILL else 0
+        return max(1, min(limits.cap, limits.cap - reserve + limits.max_deficit))
+
+    def requests_for(self, asins: Sequence[str], limits: Thresholds, options: ProductOptions | None = None) -> list[list[str]]:
         """Split ``asins`` so every request stays affordable within the bucket (HAZARDS #9/#44/#48).
 
-        A chunk of 4 always fits; a configured chunk too big for the learned refill rate (say 100 ASINs
-        with offers at 5/min) is split instead of driving the balance hundreds of tokens negative.
+        ``limits``: the policy at the live refill rate (``budget.thresholds()``). Sized from the
+        WORST-case cost (every offer page found), not the calibrated average: a 42-ASIN request
+        predicted at 7 per ASIN once cost 408 tokens and took the balance to -113, past
+        ``max_deficit``. A chunk of 4 always fits in one request.
         """
         options = options or self.options
-        per_request = len(asins)
-        cap = self.budget.last_cap
-        if cap is None or int(self.predicted_cost(len(asins), options)) * 2 > cap:
-            per_request = self.budget.max_asins_affordable(options, self.priority, max_asins=len(asins))
-        return [list(asins[i : i + per_request]) for i in range(0, len(asins), max(1, per_request))]
+        if not asins:
+            return []
+        limit = self.split_limit(limits)
+        per_asin = max(1, self.budget.costs.worst_case_products(1, options))
+        if per_asin * len(asins) <= limit:
+            return [list(asins)]
+        per_request = max(1, limit // per_asin)
+        return [list(asins[i : i + per_request]) for i in range(0, len(asins), per_request)]
 
-    def fetch(self, asins: Sequence[str], *, deadline_ms: int | None, detail: str,
-              options: ProductOptions | None = None) -> FetchedProducts:
-        """Pay for /product (stage 2 unless ``options`` says otherwise). Raises BudgetDeadline or a KeepaError."""
+    def _cost_for(self, batch: Sequence[str], split: bool, limits: Thresholds, options: ProductOptions) -> CostEstimate:
+        estimate = self.predicted_cost(len(batch), options, cap=limits.cap)
+        if not split:
+            return estimate
+        # A split request reserves its worst case, so the plan never goes past max_deficit.
+        worst = self.budget.costs.worst_case_products(len(batch), options)
+        return dataclasses.replace(estimate, tokens=max(int(estimate), worst))
+
+    def _spool_payload(self, batch: Sequence[str], status: TokenStatus | None, reservation: Reservation | None,
+                       products: list[dict], deals: Sequence[Deal] | None, detail: str) -> dict[str, Any]:
+        # Only deals whose product arrived: an orphaned entry then stores complete rows, and the rest
+        # are selected (and paid for) again rather than stored unenriched.
+        wanted = set(batch) & {p.get("asin") for p in products if isinstance(p, dict)}
+        return {
+            "kind": "product",
+            "detail": detail,
+            "asins": list(batch),
+            "status": _status_to(status),
+            "reservation": None if reservation is None else {**asdict(reservation), "priority": int(reservation.priority)},
+            "products": products,
+            "deals": [d.raw for d in deals if d.asin in wanted] if deals else [],
+        }
+
+    def fetch(self, asins: Sequence[str], *, deadline_ms: int | None, detail: str, scope: str,
+              deals: Sequence[Deal] | None = None, options: ProductOptions | None = None) -> FetchedProducts:
+        """Pay for /product (stage 2 unless ``options`` says otherwise), spooling every response before
+        any database work.
+
+        Unconsumed spool entries of ``scope`` (an earlier run paid, then could not commit) are replayed
+        first; only ASINs none of them holds are requested. ``deals`` (the upserter's) are spooled with
+        the products so an orphaned entry can be committed on its own. Raises BudgetDeadline (what was
+        bought so far stays spooled) or a KeepaError.
+        """
         options = options or self.options
         fetched = FetchedProducts()
-        for batch in self.requests_for(asins, options) if asins else []:
-            page, reservation = self.budget.call(
-                lambda batch=batch: self.client.products(batch, options),
-                cost=self.predicted_cost(len(batch), options),
-                purpose="product",
-                priority=self.priority,
-                deadline_ms=deadline_ms,
-                detail=detail,
-                settle_now=False,
-            )
-            fetched.pages.append(page)
-            fetched.reservations.append(reservation)
+        for entry in self.spool.entries(scope):
+            fetched.absorb(entry, replayed=True)
+        if fetched.replayed:
+            log.info("%s: replaying %d spooled paid response(s) instead of paying again", detail, fetched.replayed)
+        remaining = [a for a in asins if a not in fetched.products]
+        limits = self.budget.thresholds()
+        queue = self.requests_for(remaining, limits, options)
+        split = len(queue) > 1
+        lost = 0
+        while queue:
+            batch = queue.pop(0)
+
+            def spool_response(page: ProductPage, reservation: Reservation, batch: list[str] = batch) -> None:
+                entry = self.spool.append(scope, self._spool_payload(
+                    batch, page.status, reservation, list(page.raw.get("products") or []), deals, detail))
+                fetched.absorb(entry)
+
+            try:
+                self.budget.call(
+                    lambda batch=batch: self.client.products(batch, options),
+                    cost=self._cost_for(batch, split, limits, options),
+                    purpose="product",
+                    priority=self.priority,
+                    deadline_ms=deadline_ms,
+                    detail=detail,
+                    settle_now=False,
+                    on_result=spool_response,
+                )
+            except ResponseLost as err:
+                # The budget has settled it from a salvaged envelope, or recorded it as unknown (re-based
+                # by the next envelope). Keep what arrived; ask again only for what is missing.
+                if err.partial_products or err.status is not None:
+                    entry = self.spool.append(scope, self._spool_payload(
+                        batch, None, None, err.partial_products, deals, detail))
+                    fetched.absorb(entry)
+                    if err.status is not None:
+                        fetched.tokens += err.status.tokens_consumed
+                missing = [a for a in batch if a not in fetched.products]
+                lost += 1
+                if missing and lost <= MAX_LOST_REREQUESTS:
+                    log.warning("%s: response lost in transit (%d of %d products arrived); requesting the %d"
+                                " missing", detail, len(batch) - len(missing), len(batch), len(missing))
+                    queue.insert(0, missing)
+                    continue
+                raise
         return fetched
 
     def _rows(self, deals: Sequence[Deal], products: dict[str, Product], viability: dict[str, Viability]) -> pd.DataFrame:
@@ -426,11 +551,74 @@ class ChunkEnricher:
         return self._rows([d for d in plan.deals if d.asin in keep], fetched.by_asin(), plan.viability)
 
     def commit(self, con: duckdb.DuckDBPyConnection, plan: ChunkPlan, fetched: FetchedProducts) -> tuple[int, int]:
-        """Upsert the rows and settle the spend on ``con`` (inside the caller's transaction)."""
+        """Upsert the rows and settle the spend on ``con`` (inside the caller's transaction).
+
+        Call :meth:`consumed` once that transaction has committed, to delete the spool entries."""
         new, updated = upsert_deals(con, self.rows(plan, fetched))
-        for page, reservation in zip(fetched.pages, fetched.reservations):
-            self.budget.settle(reservation, page.status.tokens_consumed, page.status, con=con)
+        for reservation, status in fetched.settlements:
+            self.budget.settle(reservation, status.tokens_consumed, status, con=con)
         return new, updated
+
+    def consumed(self, fetched: FetchedProducts) -> None:
+        """The commit holding ``fetched`` is durable: its spool entries are no longer needed."""
+        self.spool.consume(fetched.entries)
+
+    def settle_unstored(self, fetched: FetchedProducts, con: duckdb.DuckDBPyConnection | None = None) -> None:
+        """Record the spend of responses whose rows are not committed yet (a failed chunk); their
+        spool entries stay for the rerun (settling again later is a no-op)."""
+        for reservation, status in fetched.settlements:
+            self.budget.settle(reservation, status.tokens_consumed, status, con=con)
+
+    def replay_orphans(self, scope_prefix: str) -> tuple[int, int, int]:
+        """Commit spooled responses that carry their own deals (the upserter's) and were never stored:
+        (entries, new, updated). Each entry commits alone and is consumed after its commit."""
+        entries = total_new = total_updated = 0
+        for scope in self.spool.scopes(scope_prefix):
+            if scope.endswith("-s1"):
+                # Stage-1 screens (no offers) are not rows on their own: an orphaned one is dropped and the
+                # deal screened again (a stage-1 /product costs ~1-2 tokens per ASIN).
+                stale = self.spool.entries(scope)
+                if stale:
+                    log.warning("dropping %d orphaned stage-1 screen response(s) of %s", len(stale), scope)
+                self.spool.consume(stale)
+                continue
+            for entry in self.spool.entries(scope):
+                deals = []
+                for raw in entry.payload.get("deals") or []:
+                    try:
+                        deals.append(Deal.from_json(raw))
+                    except MalformedPayload:
+                        continue
+                fetched = FetchedProducts()
+                fetched.absorb(entry, replayed=True)
+                with self.db.transaction() as con:
+                    plan = self.plan(deals, con)
+                    new, updated = self.commit(con, plan, fetched)
+                self.consumed(fetched)
+                entries += 1
+                total_new += new
+                total_updated += updated
+        if entries:
+            log.info("stored %d spooled paid response(s) from an earlier run: %d new, %d updated deals",
+                     entries, total_new, total_updated)
+        return entries, total_new, total_updated
+
+
+def stage1_pass_rate(db: Database) -> float:
+    """Share of stage-1 verdicts that passed (last 500 judged deals; 1.0 before any: the pessimistic prior)."""
+    with db.connect() as con:
+        row = con.execute(
+            "SELECT count(*), count(*) FILTER (stage1_passed) FROM (SELECT stage1_passed FROM deals "
+            "WHERE stage1_at_ms IS NOT NULL ORDER BY stage1_at_ms DESC LIMIT 500)"
+        ).fetchone()
+    return 1.0 if not row[0] else row[1] / row[0]
+
+
+def two_stage_forecast(db: Database, policy: EnrichmentPolicy, options: ProductOptions) -> dict[str, Any]:
+    """Keyword arguments that make ``TokenBudget.forecast`` price two-stage enrichment (empty for single stage)."""
+    if not policy.stats_rules.active:
+        return {}
+    return {"stage1_options": policy.stage1_options(options), "stage1_pass_rate": stage1_pass_rate(db)}
 
 
 __all__ = ["BudgetDeadline", "ChunkEnricher", "ChunkPlan", "EnrichmentPolicy", "FetchedProducts", "StatsRules",

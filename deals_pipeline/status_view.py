@@ -15,15 +15,19 @@ def render(health: dict[str, Any], db_path: str) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     d, b, t, u = health["deals"], health["backfill"], health["tokens"], health["upsert"]
+    eta = "-" if b["eta_hours"] is None else (f">= {b['eta_hours']}" if b.get("eta_is_lower_bound") else f"{b['eta_hours']}")
     rows = [
+        ("clock", "timeline", health["clock"]["description"]),
+        ("clock", "now on that timeline", health["clock"]["now"][:16].replace("T", " ") + " UTC"),
         ("deals", "stored / enriched / filtered", f"{d['stored']} / {d['enriched']} / {d['filtered']}"),
-        ("backfill", "pages done / total", f"{b['pages_done']} / {b['pages_total'] if b['pages_total'] is not None else '?'}"),
+        ("backfill", "pages done / total", f"{b['pages_done']} / {b['pages_total_text']}"
+         + (" (complete)" if b["complete"] else "")),
         ("backfill", "in-flight page (chunks done)",
          "-" if b["in_flight_page"] is None else f"{b['in_flight_page']} ({b['in_flight_chunks']})"),
         ("backfill", "chunks done / total", f"{b['chunks_done']} / {b['chunks_total']}"),
         ("backfill", "failed chunks", str(len(b["failed_chunks"]))),
         ("backfill", "quarantined chunks (retry-quarantined)", str(len(b.get("quarantined_chunks", [])))),
-        ("backfill", "ETA (hours at learned rate)", f"{b['eta_hours']}"),
+        ("backfill", "ETA (hours at learned rate)", eta),
         ("tokens", "spent (actual, ledger)", str(t["spent_total"])),
         ("tokens", "per stored deal", str(t["per_stored_deal"])),
         ("tokens", "balance at last server response", str(t["server_balance"])),
@@ -33,12 +37,14 @@ def render(health: dict[str, Any], db_path: str) -> None:
         ("tokens", f"split of the last {t['share']['share_window_min']} min: upsert / backfill of refill",
          f"{t['share']['share_upsert_of_refill']:.2f} / {t['share']['share_backfill_of_refill']:.2f}"),
         ("upsert", "runs (ok)", f"{u['runs']} ({u['runs_ok']})"),
-        ("upsert", "watermark", "-" if u["watermark"] is None else f"{u['watermark']['last_update']} {u['watermark']['asin']}"),
+        ("upsert", "watermark", "-" if u["watermark"] is None else u["watermark"]["text"]),
         ("upsert", "newest deal age (min)", str(u["newest_deal_age_minutes"])),
     ]
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    for wait in health["waits"]:
+        console.print(f"[yellow]{wait['owner']}[/yellow] {wait['line']}")
     for failure in b["failed_chunks"][:10]:
         console.print(f"[red]failed[/red] page {failure['page']} chunk {failure['chunk']} "
                       f"(attempts {failure['attempts']}): {failure['error']}")

@@ -27,6 +27,7 @@ def sentinel_key() -> str:
 
 # -- a whole stack: simulator over HTTP + client + DuckDB file + shared budget ------------------
 
+import dataclasses  # noqa: E402
 from dataclasses import dataclass, field as _field  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -93,7 +94,10 @@ def make_stack(tmp_path):
              db_name: str = "deals.duckdb", db_path=None, key: str = "test-key", max_attempts: int = 4,
              read_timeout_s: float = 5.0, simulator_cls=KeepaSimulator):
         clock = clock or ManualClock()
-        sim = simulator_cls(config or SimulatorConfig(), clock=clock)
+        config = config or SimulatorConfig()
+        if config.expected_key is None:  # a strict key, as Keepa: any other key gets HTTP 400
+            config = dataclasses.replace(config, expected_key=key)
+        sim = simulator_cls(config, clock=clock)
         sim.start()
         started.append(sim)
         db_path = db_path or tmp_path / db_name
@@ -106,3 +110,17 @@ def make_stack(tmp_path):
     yield make
     for sim in started:
         sim.stop()
+
+
+# -- test layers: what `make test-fast` (-m "not slow") leaves out -----------------------------------
+
+#: A test using one of these builds the whole stack (simulator + client + DuckDB file + budget) or a
+#: Dagster instance: it proves the parts work together, and it is in the slow layer.
+SLOW_FIXTURES = frozenset({"make_stack", "rec_stack", "seeded_db"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every whole-stack test ``slow`` (explicit ``@pytest.mark.slow`` covers the rest)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -91,16 +91,8 @@ def test_the_graph_sees_the_package() -> None:
     assert "deals_pipeline.defs.definitions" in graph["deals_pipeline.definitions"]
 
 
-# Circles that exist today and are being removed; each entry is one edge (importer, imported).
-KNOWN_CIRCLE_EDGES = {
-    ("deals_pipeline.budget.cost_model", "deals_pipeline.budget.budget"),
-    ("deals_pipeline.budget.forecast", "deals_pipeline.budget.budget"),
-}
-
-
 def test_no_import_cycles_in_the_package() -> None:
-    graph = {name: {dep for dep in deps if dep.startswith(PACKAGE) and (name, dep) not in KNOWN_CIRCLE_EDGES}
-             for name, deps in _graph().items()}
+    graph = {name: {dep for dep in deps if dep.startswith(PACKAGE)} for name, deps in _graph().items()}
     try:
         tuple(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as cycle:

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+import duckdb
+
 from deals_pipeline.budget import BudgetDeadline, Priority, TokenBudget
 from deals_pipeline.clock import Clock
 from deals_pipeline.enrichment import ChunkEnricher, ChunkPlan, EnrichmentPolicy, FetchedProducts, ViabilityRules
@@ -30,7 +32,8 @@ from deals_pipeline.scheduling import (
     should_quarantine,
     slot_deadline_ms,
 )
-from deals_pipeline.storage import Database
+from deals_pipeline.storage import Database, DatabaseBusy
+from deals_pipeline.storage.publish import DealPublisher, publish_quietly
 from deals_pipeline.storage.repository import utcnow, write_deals
 
 log = logging.getLogger(__name__)
@@ -170,8 +173,11 @@ class PageBackfill:
         *,
         clock: Clock,
         source: str,
+        publisher: DealPublisher | None = None,
     ) -> None:
         self.db = db
+        #: Publishes the read-only copy for readers after commits (throttled) and at each page summary.
+        self.publisher = publisher if publisher is not None else DealPublisher(db)
         self.client = client
         self.budget = budget
         self.settings = settings
@@ -288,8 +294,17 @@ class PageBackfill:
             ).fetchall()
         return [int(r[0]) for r in rows]
 
+    def chunk_scope(self, page: int, chunk_index: int) -> str:
+        """Spool scope of one chunk: its paid responses wait there until the chunk commits."""
+        return f"backfill-{self.fingerprint[:16]}-p{page}-c{chunk_index}"
+
     def run_chunk(self, snapshot: PageSnapshot, chunk_index: int, *, deadline_ms: int | None = None) -> ChunkOutcome:
-        """Process one chunk exactly once. Never raises for budget or API trouble: the outcome says."""
+        """Process one chunk exactly once. Never raises for budget or API trouble: the outcome says.
+
+        Every paid response is spooled (fsynced files beside the database) before any database work;
+        a rerun replays the chunk's unconsumed entries and pays only for ASINs none of them holds, so a
+        busy database, a failed write or a split request that failed half-way never pays twice.
+        """
         page = snapshot.page
         with self.db.connect() as con:
             row = con.execute(
@@ -300,46 +315,39 @@ class PageBackfill:
             if row is None:
                 raise ValueError(f"page {page} has no chunk {chunk_index}")
             if row[0] == "done":
+                self.enricher.spool.consume(self.enricher.spool.entries(self.chunk_scope(page, chunk_index)))
                 return ChunkOutcome(page, chunk_index, "already_done")
             held = self._held_back(page, chunk_index, row[0], row[2])
             if held is not None:
                 return held
-            staged = con.execute(
-                "SELECT raw_response, tokens_consumed FROM chunk_staging "
-                "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
-                [page, self.fingerprint, chunk_index],
-            ).fetchone()
             by_asin = {d.asin: d for d in snapshot.deals}
             plan = self.enricher.plan([by_asin[a] for a in snapshot.chunk_asins[chunk_index]], con)
         detail = f"page {page} chunk {chunk_index}"
+        scope = self.chunk_scope(page, chunk_index)
         screen_tokens = 0
-        if staged is None and plan.to_screen:
+        if plan.to_screen:
             try:
-                screen_tokens = self._screen(page, chunk_index, plan, deadline_ms=self.slot_deadline(deadline_ms), detail=detail)
+                screen_tokens = self._screen(page, chunk_index, plan, deadline_ms=self.slot_deadline(deadline_ms),
+                                             detail=detail, scope=scope)
             except BudgetDeadline as stop:
                 return ChunkOutcome(page, chunk_index, "deferred", wait_ms=stop.wait_ms)
-            except KeepaError as exc:
+            except (KeepaError, DatabaseBusy, duckdb.Error) as exc:
                 return self._record_failure(page, chunk_index, exc)
-        if staged is not None:
-            # Paid for in an earlier run whose write failed: reuse it instead of paying again.
-            fetched = FetchedProducts.from_staged(json.loads(staged[0]))
-            tokens = int(staged[1])
-        else:
-            try:
-                fetched = self.enricher.fetch(plan.to_fetch, deadline_ms=self.slot_deadline(deadline_ms), detail=detail)
-            except BudgetDeadline as stop:
-                return ChunkOutcome(page, chunk_index, "deferred", wait_ms=stop.wait_ms)
-            except KeepaError as exc:
-                return self._record_failure(page, chunk_index, exc)
-            tokens = fetched.tokens
-            missing = [a for a in plan.to_fetch if a not in fetched.by_asin()]
-            if missing:
-                message = (f"{len(missing)} paid product(s) came back malformed or missing: {', '.join(missing[:4])}"
-                           f" (attempt {int(row[1]) + 1} of {MAX_PRODUCT_ATTEMPTS})")
-                if int(row[1]) + 1 < MAX_PRODUCT_ATTEMPTS:
-                    return self._record_failure(page, chunk_index, MalformedPayload(message), fetched)
-                log.warning("page %d chunk %d: storing without enrichment after %d attempts: %s",
-                            page, chunk_index, MAX_PRODUCT_ATTEMPTS, message)
+        try:
+            fetched = self.enricher.fetch(plan.to_fetch, deadline_ms=self.slot_deadline(deadline_ms), detail=detail, scope=scope)
+        except BudgetDeadline as stop:
+            return ChunkOutcome(page, chunk_index, "deferred", wait_ms=stop.wait_ms)
+        except (KeepaError, DatabaseBusy, duckdb.Error) as exc:
+            return self._record_failure(page, chunk_index, exc)
+        tokens = fetched.tokens
+        missing = [a for a in plan.to_fetch if a not in fetched.by_asin()]
+        if missing:
+            message = (f"{len(missing)} paid product(s) came back malformed or missing: {', '.join(missing[:4])}"
+                       f" (attempt {int(row[1]) + 1} of {MAX_PRODUCT_ATTEMPTS})")
+            if int(row[1]) + 1 < MAX_PRODUCT_ATTEMPTS:
+                return self._record_failure(page, chunk_index, MalformedPayload(message), fetched)
+            log.warning("page %d chunk %d: storing without enrichment after %d attempts: %s",
+                        page, chunk_index, MAX_PRODUCT_ATTEMPTS, message)
         try:
             with self.db.transaction() as con:
                 new, updated = self.enricher.commit(con, plan, fetched)
@@ -350,24 +358,22 @@ class PageBackfill:
                     [tokens, new + updated, len(plan.fresh), len(plan.filtered) + len(plan.screened_out), utcnow(), page,
                      self.fingerprint, chunk_index],
                 )
-                con.execute(
-                    "DELETE FROM chunk_staging WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
-                    [page, self.fingerprint, chunk_index],
-                )
         except Exception as exc:
-            if fetched.pages and staged is None:
-                self._stage(page, chunk_index, fetched)
+            # The paid responses stay spooled: the rerun stores them without paying again.
             return self._record_failure(page, chunk_index, exc)
+        self.enricher.consumed(fetched)
+        publish_quietly(self.publisher, force=False)
         return ChunkOutcome(
             page, chunk_index, "done", tokens_spent=tokens + screen_tokens, deals_stored=new + updated,
             fresh_skipped=len(plan.fresh), filtered=len(plan.filtered) + len(plan.screened_out),
             fetched_asins=tuple(plan.to_fetch),
         )
 
-    def _screen(self, page: int, chunk_index: int, plan: ChunkPlan, *, deadline_ms: int | None, detail: str) -> int:
+    def _screen(self, page: int, chunk_index: int, plan: ChunkPlan, *, deadline_ms: int | None, detail: str,
+                scope: str) -> int:
         """Stage 1 of a chunk, committed on its own with its spend and the chunk's stage-1 token count:
         a run killed before stage 2 finds the verdicts stored and never buys stage 1 again."""
-        fetched = self.enricher.screen(plan, deadline_ms=deadline_ms, detail=detail)
+        fetched = self.enricher.screen(plan, deadline_ms=deadline_ms, detail=detail, scope=scope)
         with self.db.transaction() as con:
             self.enricher.commit_screen(con, plan, fetched)
             con.execute(
@@ -375,37 +381,33 @@ class PageBackfill:
                 "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
                 [fetched.tokens, utcnow(), page, self.fingerprint, chunk_index],
             )
+        self.enricher.consumed(fetched)
         return fetched.tokens
-
-    def _stage(self, page: int, chunk_index: int, fetched: FetchedProducts) -> None:
-        with self.db.transaction() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO chunk_staging VALUES (?, ?, ?, ?, ?, ?)",
-                [page, self.fingerprint, chunk_index, json.dumps(fetched.raw(), separators=(",", ":")),
-                 fetched.tokens, utcnow()],
-            )
-            for product_page, reservation in zip(fetched.pages, fetched.reservations):
-                self.budget.settle(reservation, product_page.status.tokens_consumed, product_page.status, con=con)
 
     def _record_failure(
         self, page: int, chunk_index: int, exc: Exception, fetched: FetchedProducts | None = None
     ) -> ChunkOutcome:
         message = redact(f"{type(exc).__name__}: {exc}")[:500]
-        with self.db.transaction() as con:
-            attempts = int(con.execute(
-                "SELECT attempts FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
-                [page, self.fingerprint, chunk_index],
-            ).fetchone()[0]) + 1
-            status, retry_at = self._after_failure(attempts)
-            con.execute(
-                "UPDATE page_chunks SET status = ?, attempts = ?, error = ?, next_attempt_ms = ?, "
-                "tokens_spent = tokens_spent + ?, updated_at = ? "
-                "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
-                [status, attempts, message, retry_at, fetched.tokens if fetched else 0, utcnow(), page,
-                 self.fingerprint, chunk_index],
-            )
-            for product_page, reservation in zip(fetched.pages if fetched else [], fetched.reservations if fetched else []):
-                self.budget.settle(reservation, product_page.status.tokens_consumed, product_page.status, con=con)
+        status = "failed"
+        try:
+            with self.db.transaction() as con:
+                attempts = int(con.execute(
+                    "SELECT attempts FROM page_chunks WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                    [page, self.fingerprint, chunk_index],
+                ).fetchone()[0]) + 1
+                status, retry_at = self._after_failure(attempts)
+                con.execute(
+                    "UPDATE page_chunks SET status = ?, attempts = ?, error = ?, next_attempt_ms = ?, updated_at = ? "
+                    "WHERE page = ? AND selection_fingerprint = ? AND chunk_index = ?",
+                    [status, attempts, message, retry_at, utcnow(), page, self.fingerprint, chunk_index],
+                )
+                if fetched is not None:
+                    self.enricher.settle_unstored(fetched, con)
+        except (DatabaseBusy, duckdb.Error) as db_exc:
+            # Nothing is lost: the paid responses are spooled and the chunk is still not done.
+            log.warning("page %d chunk %d: could not record the failure (%s); the rerun replays its spool",
+                        page, chunk_index, redact(str(db_exc))[:200])
+            return ChunkOutcome(page, chunk_index, "failed", error=message)
         if status == "quarantined":
             log.warning("page %d chunk %d quarantined after %d failed attempts (the page completes without it; "
                         "`deals-pipeline retry-quarantined` puts it back): %s", page, chunk_index, attempts, message)
@@ -483,6 +485,7 @@ class PageBackfill:
                 [page, self.fingerprint, "complete" if summary.complete else "partial", summary.chunks_total,
                  summary.chunks_done, summary.deals_on_page, summary.is_last, summary.tokens_spent, utcnow()],
             )
+        publish_quietly(self.publisher, force=True)
         return summary
 
     # -- the whole page, for the CLI runner, tests and benchmarks --------------------------------

@@ -5,6 +5,19 @@ DuckDB file; the shared state lives in ``token_server_status`` (last server enve
 ``token_ledger`` (reservations and spends) and ``budget_state`` (recharge flag, sync request).
 Each decision is one short transaction; no connection is held while sleeping or during a request.
 
+Modules (each imports only those above it; ``deals_pipeline_tests/test_layers.py`` checks no circle)::
+
+    policy.py       Priority, BudgetPolicy, Thresholds           the knobs
+    state.py        BudgetSnapshot, Projection, Decision, Reservation   plain values
+    errors.py       BudgetError, BudgetDeadline, BudgetStalled, BudgetNeedsSync
+    rules.py        thresholds_for, project, decide, wait_for_level, ...  pure functions, no I/O
+    sizing.py       max_new_deals_per_run                          upsert batch size from a rate
+    store.py        BudgetStore protocol, InMemoryBudgetStore      where the shared state lives
+    duckdb_store.py DuckDBBudgetStore                              ... shared by processes through DuckDB
+    cost_model.py   CostModel, CostEstimate                        predictions, calibrated from the ledger
+    forecast.py     Forecast, forecast_for                         tokens and ETA of the remaining work
+    arbiter.py      TokenBudget                                    reserve / settle / release, 429 retry
+
 API::
 
     class Priority(IntEnum): UPSERT = 0; BACKFILL = 1
@@ -16,6 +29,7 @@ API::
         max_sleep_ms=60_000, resync_after_ms=3_600_000
 
     budget = TokenBudget(db, clock, policy=BudgetPolicy(), owner="backfill", sync=client.token_status)
+    budget = TokenBudget(InMemoryBudgetStore(), clock)   # one process only (unit tests)
     budget.observe(status)          # re-base from any envelope (200/429/error); older ones are ignored
     budget.needs_sync() -> bool     # no status yet / envelope missing (H3) / long idle: call /token once
     budget.sync(fetch=None)         # fetch (or the constructor's sync=) + observe
@@ -33,9 +47,12 @@ API::
         -> (result, Reservation)
     budget.ledger_summary() -> {"spent", "predicted", "calls", "released", "failed", "in_flight",
                                 "by_owner": {...}, "by_purpose": {...}}
-    budget.costs: CostModel        # .deal_pages(n), .products(n_asins, options), .token_status(),
-                                   # .max_asins_affordable(options, priority)
-    budget.max_asins_affordable(options, priority=BACKFILL) -> int
+    budget.record_answer(reservation, status, settle=True)     # a response with an envelope
+    budget.costs: CostModel        # .deal_pages(n, cap=None), .products(n_asins, options, cap=None),
+                                   # .token_status(), .max_asins_affordable(options, priority, thresholds=None)
+                                   # cap/thresholds: the live limits if the caller holds them, else one read
+    budget.max_asins_affordable(options, priority=BACKFILL, thresholds=None) -> int
+    budget.answered_costs(cost_key, limit) -> [(actual, units)]   # the cost model's calibration input
     budget.forecast(pages_remaining, asins_remaining, options) -> Forecast(tokens_needed, eta_ms, eta,
                                                                           refill_rate, balance, cap)
     budget.max_new_deals_per_run(mode="default"|"derived", **kw) -> int   # at the learned rate
@@ -65,47 +82,50 @@ Rules:
   "waiting N s for M tokens".
 """
 
-from deals_pipeline.budget.budget import (
-    BudgetDeadline,
-    BudgetError,
-    BudgetNeedsSync,
-    BudgetPolicy,
-    BudgetStalled,
-    Decision,
-    Priority,
-    Projection,
-    Reservation,
-    Thresholds,
-    TokenBudget,
+from deals_pipeline.budget.arbiter import TokenBudget
+from deals_pipeline.budget.cost_model import CostEstimate, CostModel, product_cost_shape
+from deals_pipeline.budget.duckdb_store import DuckDBBudgetStore
+from deals_pipeline.budget.errors import BudgetDeadline, BudgetError, BudgetNeedsSync, BudgetStalled
+from deals_pipeline.budget.forecast import Forecast, eta_ms_for
+from deals_pipeline.budget.policy import BudgetPolicy, Priority, Thresholds
+from deals_pipeline.budget.rules import (
+    decide,
     next_recharging,
+    project,
     project_server_balance,
     required_level,
     thresholds_for,
     wait_for_level,
 )
-from deals_pipeline.budget.cost_model import CostEstimate, CostModel, product_cost_shape
-from deals_pipeline.budget.forecast import Forecast, eta_ms_for
 from deals_pipeline.budget.sizing import max_new_deals_per_run
+from deals_pipeline.budget.state import BudgetSnapshot, Decision, Projection, Reservation
+from deals_pipeline.budget.store import BudgetStore, InMemoryBudgetStore
 
 __all__ = [
     "BudgetDeadline",
     "BudgetError",
     "BudgetNeedsSync",
     "BudgetPolicy",
+    "BudgetSnapshot",
     "BudgetStalled",
+    "BudgetStore",
     "CostEstimate",
     "CostModel",
     "Decision",
+    "DuckDBBudgetStore",
     "Forecast",
+    "InMemoryBudgetStore",
     "Priority",
     "Projection",
     "Reservation",
     "Thresholds",
     "TokenBudget",
+    "decide",
     "eta_ms_for",
     "max_new_deals_per_run",
     "next_recharging",
     "product_cost_shape",
+    "project",
     "project_server_balance",
     "required_level",
     "thresholds_for",

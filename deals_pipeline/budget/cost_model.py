@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
-if TYPE_CHECKING:
-    from deals_pipeline.budget.budget import Priority, TokenBudget
+from deals_pipeline.budget.policy import Priority, Thresholds
+from deals_pipeline.clock import Clock
 
 DEAL_PAGE_COST = 5
 TOKEN_COST = 0
@@ -105,22 +105,38 @@ def product_cost_shape(options: Any) -> ProductCostShape:
     return ProductCostShape(key="|".join(parts), expected=expected, worst=worst)
 
 
+class CostLedger(Protocol):
+    """Where answered requests' real costs are read from (``TokenBudget`` is one)."""
+
+    def answered_costs(self, cost_key: str, limit: int) -> list[tuple[int, int]]:
+        """(actual, units) of the newest ``limit`` answered requests for ``cost_key``, oldest first."""
+
+
 class CostModel:
-    """Predictions for one budget (reads calibration from its ledger, clamps to its live cap)."""
+    """Predictions for one budget: calibrated from its ledger, clamped to its live cap.
+
+    Args:
+        ledger: the calibration source (the budget's ledger).
+        clock: the timeline the calibration cache expires on.
+        limits: the policy at the live refill rate (one read of the shared state); used only when a
+            caller does not pass ``cap=`` / ``thresholds=`` it already holds.
+    """
 
     #: How long (timeline ms) a calibration read is reused. Every DuckDB open costs tens of ms and the
     #: EWMA moves slowly, so re-reading the ledger before every request would only add latency.
     CACHE_MS = 120_000
 
-    def __init__(self, budget: "TokenBudget") -> None:
-        self.budget = budget
+    def __init__(self, ledger: CostLedger, clock: Clock, limits: Callable[[], Thresholds]) -> None:
+        self.ledger = ledger
+        self.clock = clock
+        self.limits = limits
         self._cache: dict[str, tuple[int, float, int]] = {}
 
     # -- calibration -------------------------------------------------------------------------
 
     def observed_per_unit(self, key: str, prior: float) -> tuple[float, int]:
         """(EWMA of actual/units for ``key`` seeded with ``prior``, number of samples); cached CACHE_MS."""
-        now = self.budget.clock.now_ms()
+        now = self.clock.now_ms()
         cached = self._cache.get(key)
         if cached is not None and now - cached[0] < self.CACHE_MS:
             return cached[1], cached[2]
@@ -133,31 +149,17 @@ class CostModel:
         self._cache.pop(key, None) if key is not None else self._cache.clear()
 
     def _read_per_unit(self, key: str, prior: float) -> tuple[float, int]:
-
-        def run(c: Any) -> list[tuple[int, int]]:
-            return c.execute(
-                """SELECT actual, units FROM (
-                       SELECT actual, units, created_ms FROM token_ledger
-                       WHERE cost_key = ? AND actual IS NOT NULL AND units > 0 AND state IN ('settled', 'reserved')
-                       ORDER BY created_ms DESC LIMIT ?)
-                   ORDER BY created_ms""",
-                [key, EWMA_WINDOW],
-            ).fetchall()
-
-        rows = self.budget._tx(run)
+        rows = self.ledger.answered_costs(key, EWMA_WINDOW)
         value = float(prior)
         for actual, units in rows:
             value = EWMA_ALPHA * (actual / units) + (1 - EWMA_ALPHA) * value
         return value, len(rows)
 
-    def _cap(self) -> int:
-        return self.budget.last_cap if self.budget.last_cap is not None else self.budget.projection().cap
-
     def _estimate(self, key: str, units: int, prior: float, cap: int | None) -> CostEstimate:
         per_unit, n = self.observed_per_unit(key, prior) if units > 0 else (prior, 0)
         tokens = math.ceil(units * per_unit - 1e-9) if units > 0 else 0
         clamped = False
-        cap = self._cap() if cap is None else cap
+        cap = self.limits().cap if cap is None else cap
         if cap > 0 and tokens > cap:
             tokens, clamped = cap, True
         return CostEstimate(tokens=max(0, tokens), units=units, key=key, per_unit=per_unit, calibrated=n > 0, clamped=clamped)
@@ -181,16 +183,21 @@ class CostModel:
         """Upper bound from the static table (every offer page found)."""
         return int(asins) * product_cost_shape(options).worst
 
-    def max_asins_affordable(self, options: Any, priority: "Priority | int" = 1, *, max_asins: int = MAX_ASINS_PER_REQUEST) -> int:
+    def max_asins_affordable(
+        self,
+        options: Any,
+        priority: Priority | int = Priority.BACKFILL,
+        *,
+        max_asins: int = MAX_ASINS_PER_REQUEST,
+        thresholds: Thresholds | None = None,
+    ) -> int:
         """Largest batch (1..max_asins) whose predicted cost the spending rule can ever allow.
 
         A call may start at most at the cap; with the controlled deficit a BACKFILL call of ``c``
         needs ``max(threshold + 1, c - max_deficit) + upsert_reserve <= cap``, and no prediction may
-        exceed the cap. Always at least 1.
+        exceed the cap. Always at least 1. ``thresholds``: the live limits if the caller holds them.
         """
-        from deals_pipeline.budget.budget import Priority, thresholds_for
-
-        th = thresholds_for(self.budget.policy, self.budget.projection().refill_rate)
+        th = thresholds if thresholds is not None else self.limits()
         reserve = th.upsert_reserve if Priority(priority) == Priority.BACKFILL else 0
         limit = min(th.cap, th.cap - reserve + th.max_deficit)
         shape = product_cost_shape(options)

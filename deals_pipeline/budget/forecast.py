@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from deals_pipeline.budget.cost_model import CostModel
+from deals_pipeline.budget.state import Projection
 from deals_pipeline.keepa.models import REFILL_PERIOD_MS
-
-if TYPE_CHECKING:
-    from deals_pipeline.budget.budget import TokenBudget
 
 
 @dataclass(frozen=True)
@@ -45,23 +44,22 @@ def eta_ms_for(tokens_needed: int, balance: int, refill_rate: int, next_refill_m
     return first + (refills - 1) * REFILL_PERIOD_MS
 
 
-def forecast_for(budget: "TokenBudget", pages_remaining: int, asins_remaining: int, options: Any, *,
-                 stage1_options: Any | None = None, stage1_pass_rate: float = 1.0) -> Forecast:
+def forecast_for(proj: Projection, costs: CostModel, pages_remaining: int, asins_remaining: int,
+                 options: Any, *, stage1_options: Any | None = None, stage1_pass_rate: float = 1.0) -> Forecast:
     """Forecast for ``pages_remaining`` /deal pages and ``asins_remaining`` /product ASINs with ``options``
-    (priced per request batch of at most the affordable size, so no per-request cap clamp hides cost).
+    from the projection ``proj`` (priced without the per-request cap clamp, so no clamp hides cost).
 
     Two-stage enrichment (``stage1_options`` set): every ASIN pays stage 1, and ``stage1_pass_rate``
     of them pay ``options`` (stage 2), each stage calibrated from tokensConsumed."""
-    proj = budget.projection()
     pages = max(0, int(pages_remaining))
     asins = max(0, int(asins_remaining))
-    tokens = budget.costs.deal_pages(pages, cap=10**12).tokens if pages else 0
+    tokens = costs.deal_pages(pages, cap=10**12).tokens if pages else 0
     if asins and stage1_options is not None:
-        tokens += budget.costs.products(asins, stage1_options, cap=10**12).tokens
+        tokens += costs.products(asins, stage1_options, cap=10**12).tokens
         survivors = math.ceil(asins * min(1.0, max(0.0, stage1_pass_rate)) - 1e-9)
-        tokens += budget.costs.products(survivors, options, cap=10**12).tokens if survivors else 0
+        tokens += costs.products(survivors, options, cap=10**12).tokens if survivors else 0
     elif asins:
-        tokens += budget.costs.products(asins, options, cap=10**12).tokens
+        tokens += costs.products(asins, options, cap=10**12).tokens
     eta = eta_ms_for(tokens, proj.balance, proj.refill_rate, proj.next_refill_ms, proj.as_of_ms)
     return Forecast(
         tokens_needed=tokens, eta_ms=eta, refill_rate=proj.refill_rate, balance=proj.balance, cap=proj.cap,

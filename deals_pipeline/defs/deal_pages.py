@@ -14,7 +14,10 @@ import dagster as dg
 from deals_pipeline import __version__
 from deals_pipeline.backfill.service import page_count_for
 from deals_pipeline.budget import BudgetDeadline
+from deals_pipeline.defs.waits import waits_shown_on
+from deals_pipeline.enrichment import two_stage_forecast
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE
+from deals_pipeline.progress import ChunkCommitted, publish
 from deals_pipeline.runtime import Runtime
 from deals_pipeline.storage import DatabaseBusy
 from deals_pipeline.scheduling import share_split
@@ -45,11 +48,15 @@ _RUN_RUNTIMES_KEPT = 4
 _DEFERRED_RUNS: set[str] = set()
 
 
+def _owner(context: dg.OpExecutionContext) -> str:
+    return f"backfill:{context.run_id[:8]}"
+
+
 def run_runtime(context: dg.OpExecutionContext, keepa, database, token_budget) -> Runtime:
     """This run's runtime, built by its first op and reused by the others."""
     runtime = _RUN_RUNTIMES.get(context.run_id)
     if runtime is None:
-        runtime = build_runtime(keepa, database, token_budget, owner=f"backfill:{context.run_id[:8]}")
+        runtime = build_runtime(keepa, database, token_budget, owner=_owner(context))
         _RUN_RUNTIMES[context.run_id] = runtime
         while len(_RUN_RUNTIMES) > _RUN_RUNTIMES_KEPT:
             _RUN_RUNTIMES.popitem(last=False)
@@ -80,7 +87,8 @@ def fetch_page_snapshot(
     runtime = run_runtime(context, keepa, database, token_budget)
     backfill = runtime.page_backfill(query.backfill_settings())
     try:
-        snapshot = backfill.snapshot(page, deadline_ms=runtime.deadline_ms)
+        with waits_shown_on(context, _owner(context), "deal_pages", context.partition_key):
+            snapshot = backfill.snapshot(page, deadline_ms=runtime.deadline_ms)
     except BudgetDeadline as stop:
         context.log.warning(f"page {page}: the page fetch cannot be afforded before the run deadline ({stop})")
         _observe_page(context, {"page": page, "complete": False, "deferred": True,
@@ -119,9 +127,14 @@ def process_chunk(
         snapshot = backfill.load_snapshot(page)
         if snapshot is None:  # pragma: no cover - fetch_page_snapshot always stores it first
             raise dg.Failure(f"page {page} has no stored snapshot")
-        outcome = backfill.run_chunk(snapshot, work["chunk"], deadline_ms=work["deadline_ms"])
+        with waits_shown_on(context, _owner(context), "deal_pages", context.partition_key) as waits:
+            outcome = backfill.run_chunk(snapshot, work["chunk"], deadline_ms=work["deadline_ms"])
     except DatabaseBusy as busy:
         raise dg.RetryRequested(max_retries=CHUNK_RETRY.max_retries, seconds_to_wait=5) from busy
+    chunks_done = snapshot.chunk_count - len(backfill.unfinished_chunks(page))
+    publish(ChunkCommitted(page=page, chunk_index=outcome.chunk_index, chunk_count=snapshot.chunk_count,
+                           status=outcome.status, tokens_spent=outcome.tokens_spent,
+                           deals_stored=outcome.deals_stored, chunks_done=chunks_done))
     if outcome.status == "deferred":
         _DEFERRED_RUNS.add(context.run_id)
         context.log.warning(
@@ -135,7 +148,9 @@ def process_chunk(
         + (f", error: {outcome.error}" if outcome.error else "")
     )
     chunk_meta: dict[str, object] = {"chunk": outcome.chunk_index, "chunk_status": outcome.status,
-                                     "tokens_spent": outcome.tokens_spent, "deals_stored": outcome.deals_stored}
+                                     "tokens_spent": outcome.tokens_spent, "deals_stored": outcome.deals_stored,
+                                     "chunks_done": chunks_done, "token_waits": len(waits),
+                                     "waited": waits[-1].line() if waits else "no visible wait"}
     _observe_page(context, chunk_meta)
     return {"status": outcome.status, "tokens": outcome.tokens_spent, "stored": outcome.deals_stored,
             "fresh": outcome.fresh_skipped, "filtered": outcome.filtered, "error": outcome.error}
@@ -202,6 +217,7 @@ def _summarize_page(context, page: int, results: list[dict], runtime: Runtime, q
         pages_remaining=remaining_pages,
         asins_remaining=remaining_chunks * query.chunk_size + remaining_pages * 150,
         options=query.product_options(),
+        **two_stage_forecast(runtime.db, query.policy(), query.product_options()),
     )
     stored_rows = stored_deal_count(runtime.db) if summary.complete else None
     metadata = {**_page_metadata(summary, results, forecast, query, runtime, stored_rows),

@@ -29,6 +29,7 @@ def _upsert_metadata(report, freshness: UpsertFreshness, runtime) -> dict[str, o
     metadata: dict[str, object] = {**report.as_metadata(), "source": runtime.source,
                                    "pipeline_version": __version__, **freshness.as_metadata()}
     return metadata
+from deals_pipeline.defs.waits import waits_shown_on
 
 
 @dg.asset(
@@ -53,7 +54,8 @@ def recent_deals(
     token_budget: TokenBudgetResource,
     query: DealQueryResource,
 ):
-    runtime = build_runtime(keepa, database, token_budget, owner=f"upsert:{context.run_id[:8]}")
+    owner = f"upsert:{context.run_id[:8]}"
+    runtime = build_runtime(keepa, database, token_budget, owner=owner)
     updater = runtime.recent_deals(query.upsert_settings())
 
     def progress(report) -> None:
@@ -62,7 +64,8 @@ def recent_deals(
             f"{report.tokens_spent} tokens, watermark {report.watermark_after}"
         )
 
-    report = updater.run(deadline_ms=runtime.deadline_ms, run_id=context.run_id[:12], on_chunk=progress)
+    with waits_shown_on(context, owner, "recent_deals"):
+        report = updater.run(deadline_ms=runtime.deadline_ms, run_id=context.run_id[:12], on_chunk=progress)
     freshness = upsert_freshness(runtime.db, runtime.clock, backlog=report.remaining_changed)
     metadata = _upsert_metadata(report, freshness, runtime)
     if report.status in ("deferred", "share_deferred") or not report.scan_complete:

@@ -18,7 +18,8 @@ from pydantic import Field
 from deals_pipeline import scheduling as sched
 from deals_pipeline.backfill.service import BackfillSettings
 from deals_pipeline.budget import BudgetPolicy, TokenBudget
-from deals_pipeline.clock import Clock, clock_from_env
+from deals_pipeline.clock import Clock, clock_for_database, clock_from_env
+from deals_pipeline.state_paths import require_database
 from deals_pipeline.config import (
     DEFAULT_DB_PATH,
     DEFAULT_SELECTION,
@@ -32,7 +33,10 @@ from deals_pipeline.config import (
     ENV_SIMULATOR_URL,
     ENV_UPSERT_INTERVAL_S,
 )
-from deals_pipeline.enrichment import ViabilityRules
+from deals_pipeline.enrichment import (
+    DEFAULT_REENRICH_AFTER_HOURS, DEFAULT_REENRICH_PRICE_CHANGE_PCT, DEFAULT_STATS_RULES, EnrichmentPolicy, StatsRules,
+    ViabilityRules,
+)
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import ConfigError
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
@@ -166,6 +170,22 @@ class DealQueryResource(dg.ConfigurableResource):
     min_delta_percent: Optional[int] = Field(default=None, description="Viability: minimum 90-day % drop.")
     max_sales_rank: Optional[int] = Field(default=None, description="Viability: maximum sales rank.")
     min_price: Optional[int] = Field(default=None, description="Viability: minimum current price (cents).")
+    reenrich_after_hours: float = Field(
+        default=DEFAULT_REENRICH_AFTER_HOURS,
+        description="Re-enrichment policy: an enriched deal gets /product again when its enrichment is this old.")
+    reenrich_price_change_pct: float = Field(
+        default=DEFAULT_REENRICH_PRICE_CHANGE_PCT,
+        description="Re-enrichment policy: ... or when its watched price moved by at least this many percent.")
+    stats_min_sales_rank_drops90: Optional[int] = Field(
+        default=None, description="Stage-1 stats rule: minimum sales-rank drops in 90 days.")
+    stats_max_sales_rank: Optional[int] = Field(default=None, description="Stage-1 stats rule: maximum sales rank.")
+    stats_min_used_offers: Optional[int] = Field(
+        default=None, description="Stage-1 stats rule: minimum used-offer count (stats.current[12]).")
+    stats_max_out_of_stock_pct90: Optional[int] = Field(
+        default=DEFAULT_STATS_RULES.max_out_of_stock_pct90,
+        description="Stage-1 stats rule: maximum outOfStockPercentage90 at the query's price type. Any stats "
+                    "rule turns on two-stage enrichment (/product without offers first, ~1 token/ASIN); "
+                    "null every stats_* option for single-stage.")
     upsert_sizing_mode: str = Field(default="default", description="'default' (20 below 20/min, else 200) or 'derived'.")
     upsert_interval_s: int = Field(default=DEFAULT_UPSERT_INTERVAL_S, description="Seconds between upsert sensor ticks.")
     # -- when to spend (deals_pipeline/scheduling.py) --
@@ -201,16 +221,26 @@ class DealQueryResource(dg.ConfigurableResource):
         return ViabilityRules(min_delta_percent=self.min_delta_percent, max_sales_rank=self.max_sales_rank,
                               min_price=self.min_price)
 
+    def policy(self) -> EnrichmentPolicy:
+        return EnrichmentPolicy(
+            reenrich_after_hours=self.reenrich_after_hours, reenrich_price_change_pct=self.reenrich_price_change_pct,
+            stats_rules=StatsRules(
+                min_sales_rank_drops90=self.stats_min_sales_rank_drops90, max_sales_rank=self.stats_max_sales_rank,
+                min_used_offer_count=self.stats_min_used_offers,
+                max_out_of_stock_pct90=self.stats_max_out_of_stock_pct90,
+            ),
+        )
+
     def backfill_settings(self) -> BackfillSettings:
         return BackfillSettings(selection=self.selection(), product_options=self.product_options(),
-                                rules=self.rules(), chunk_size=self.chunk_size,
+                                rules=self.rules(), chunk_size=self.chunk_size, policy=self.policy(),
                                 max_chunk_attempts=self.max_chunk_attempts, chunk_backoff_s=self.chunk_backoff_s,
                                 max_wait_in_slot_s=self.max_wait_in_slot_s)
 
     def upsert_settings(self) -> UpsertSettings:
         newest_first = DealSelection.from_mapping({**self.selection().to_json(), "sortType": 1})
         return UpsertSettings(selection=newest_first, product_options=self.product_options(), rules=self.rules(),
-                              chunk_size=self.chunk_size, sizing_mode=self.upsert_sizing_mode,
+                              chunk_size=self.chunk_size, sizing_mode=self.upsert_sizing_mode, policy=self.policy(),
                               interval_s=self.upsert_interval_s, max_pages_per_run=self.max_pages_per_run,
                               backfill_fingerprint=self.selection().fingerprint(), upsert_share=self.upsert_share,
                               share_window_min=self.share_window_min, max_wait_in_slot_s=self.max_wait_in_slot_s)
@@ -235,9 +265,11 @@ def build_runtime(
     clock: Clock | None = None,
 ) -> Runtime:
     """The services of one run from the Dagster resources (a key-less run fails here, before any spend)."""
-    clock = clock or clock_from_env()
+    mode = keepa.data_mode()
+    require_database(database.path, mode)  # real-API mode never starts afresh on a mistyped path
+    db = database.database(data_mode=mode)
+    clock = clock_for_database(db, clock or clock_from_env())  # a scaled-clock DB is read on its own clock
     client, source = keepa.build_client(clock)
-    db = database.database(data_mode=source)
     budget = token_budget.budget(db, clock, owner, client)
     return Runtime(db=db, client=client, budget=budget, clock=clock, source=source,
                    deadline_ms=token_budget.deadline_ms(clock))

@@ -13,7 +13,8 @@ import dagster as dg
 
 from deals_pipeline.defs.deal_pages import deal_pages_job
 from deals_pipeline.budget import BudgetError, Priority
-from deals_pipeline.clock import clock_from_env
+from deals_pipeline.clock import clock_for_database, clock_from_env
+from deals_pipeline.state_paths import require_database
 from deals_pipeline.config import (
     DEFAULT_BACKFILL_SENSOR_INTERVAL_S,
     DEFAULT_UPSERT_INTERVAL_S,
@@ -68,8 +69,9 @@ def _sensor_db(keepa, database):
 
 def _budget_gate(keepa, database, token_budget, query, *, priority: Priority, with_page: bool):
     """(db, budget, cost, wait_ms) for one chunk (plus a deal page when ``with_page``). One short read."""
+    require_database(database.path, keepa.data_mode())  # a sensor never creates a real-API database either
     db = _sensor_db(keepa, database)
-    budget = token_budget.budget(db, clock_from_env(), owner="sensor")
+    budget = token_budget.budget(db, clock_for_database(db, clock_from_env()), owner="sensor")
     cost = int(budget.costs.products(query.chunk_size, query.product_options()))
     if with_page:
         cost += int(budget.costs.deal_pages())

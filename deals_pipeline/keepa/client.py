@@ -9,8 +9,15 @@ HTTP 400/404/405 (other 4xx)           :class:`RequestRejected` (not retried)
 HTTP 402                               :class:`PaymentRequired` (not retried)
 5xx/408, timeout, connection error,    :class:`TransientKeepaError`, retried with bounded exponential
 truncated or non-JSON 200 body         backoff + jitter; :class:`RetriesExhausted` after ``max_attempts``
+... on a paid endpoint (/deal,         :class:`ResponseLost` at once when the server may have charged
+/product) once the request was sent    (read timeout, damaged 200 body, dropped connection): never
+                                       retried blindly, the caller keeps what arrived (partial products)
 200 with well-formed but wrong JSON    :class:`MalformedPayload` (not retried)
 =====================================  ==============================================================
+
+Exact accounting: a paid call's result (or error) carries ONE status whose ``tokens_consumed`` is
+the sum over every attempt of that call (a 5xx answered with an envelope and then retried costs what
+both envelopes say), so one reservation settles everything the server charged for it.
 
 Every response carrying a JSON envelope yields a :class:`TokenStatus`, passed to ``on_status`` and
 attached to raised errors as ``err.status``.
@@ -22,9 +29,11 @@ errors are built from redacted text and raised outside ``except`` blocks (no ``_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -32,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NoReturn, Sequence, TypeVar
 
 import requests
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from deals_pipeline.clock import Clock, SystemClock
 from deals_pipeline.keepa.errors import (
@@ -43,6 +52,7 @@ from deals_pipeline.keepa.errors import (
     NotEnoughTokens,
     PaymentRequired,
     RequestRejected,
+    ResponseLost,
     RetriesExhausted,
     TransientKeepaError,
 )
@@ -65,6 +75,14 @@ ENV_DOMAIN = "KEEPA_DOMAIN"
 T = TypeVar("T")
 
 _SNIPPET = 200
+
+#: Endpoints the server charges for: a request that may have been served is never retried blindly.
+PAID_ENDPOINTS = frozenset({"deal", "product"})
+#: Body read size: urllib3 drops a short final read when the connection is cut, so small reads keep
+#: all but the last KiB of a truncated body (what the product salvage needs).
+_READ_CHUNK = 1024
+#: Transport failures where the request never reached the server (safe to retry, nothing charged).
+_NOT_SENT = frozenset({"connect_timeout", "connection_refused"})
 
 
 @dataclass
@@ -269,14 +287,33 @@ class KeepaClient:
 
     def _call(self, endpoint: str, params: dict[str, str], parse: Callable[[dict], T], detail: str = "") -> T:
         attempt_no = 0
+        charged_before = 0  # tokensConsumed of earlier attempts of this call (5xx answered with an envelope)
+        paid = endpoint in PAID_ENDPOINTS
 
         def attempt() -> T:
-            nonlocal attempt_no
+            nonlocal attempt_no, charged_before
             attempt_no += 1
             self.stats._inc("attempts", endpoint)
             if attempt_no > 1:
                 self.stats._inc("retries", endpoint)
-            return self._attempt(endpoint, params, parse, detail, attempt_no)
+            try:
+                result = self._attempt(endpoint, params, parse, detail, attempt_no)
+            except KeepaError as err:
+                if err.status is not None:
+                    consumed = err.status.tokens_consumed
+                    err.status = _with_consumed(err.status, charged_before + consumed)
+                    charged_before += consumed
+                raise
+            if charged_before and getattr(result, "status", None) is not None:
+                status = result.status  # type: ignore[attr-defined]
+                result = dataclasses.replace(result, status=_with_consumed(status, charged_before + status.tokens_consumed))  # type: ignore[type-var]
+            return result
+
+        def should_retry(exc: BaseException) -> bool:
+            if not isinstance(exc, TransientKeepaError):
+                return False
+            # A paid request the server may have served is not repeated inside one reservation.
+            return not (paid and exc.maybe_charged)
 
         def before_sleep(state: Any) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
@@ -287,7 +324,7 @@ class KeepaClient:
         retrying = Retrying(
             stop=stop_after_attempt(self.max_attempts),
             wait=wait_exponential_jitter(initial=base_s, max=self.backoff_cap_ms / 1000.0, exp_base=2, jitter=base_s),
-            retry=retry_if_exception_type(TransientKeepaError),
+            retry=retry_if_exception(should_retry),
             sleep=self._sleep_s,
             before_sleep=before_sleep,
             retry_error_callback=lambda state: _Exhausted(state.outcome.exception(), state.attempt_number),
@@ -319,16 +356,18 @@ class KeepaClient:
         url = f"{self.base_url}/{endpoint}"
         where = f"Keepa {endpoint} {detail}".rstrip()
         started = time.monotonic()
-        response, failure = self._send(url, {"key": key, **params})
+        paid = endpoint in PAID_ENDPOINTS
+        response, body_bytes, failure = self._send(url, {"key": key, **params})
         if failure is not None:
             kind, text = failure
             self.stats._inc("transient", kind)
-            raise TransientKeepaError(f"{where}: {kind}: {text}")
+            if paid and kind not in _NOT_SENT:
+                self._lost(endpoint, body_bytes, f"{where}: {kind} after the request was sent", text, None)
+            raise TransientKeepaError(f"{where}: {kind}: {text}", maybe_charged=kind not in _NOT_SENT)
         if response is None:  # pragma: no cover - _send returns exactly one of the two
             raise TransientKeepaError(f"{where}: no response")
         elapsed_ms = (time.monotonic() - started) * 1000
         code = response.status_code
-        body_bytes = response.content or b""
         body, json_problem = _parse_json(body_bytes)
         status = _envelope_or_none(body)
         logger.debug(
@@ -342,6 +381,9 @@ class KeepaClient:
         if code == 200:
             if json_problem is not None:
                 self.stats._inc("transient", json_problem)
+                if paid:
+                    self._lost(endpoint, body_bytes, f"{where}: HTTP 200 with {json_problem.replace('_', ' ')} body "
+                               f"({len(body_bytes)} bytes)", "", 200)
                 raise TransientKeepaError(
                     f"{where}: HTTP 200 with {json_problem.replace('_', ' ')} body "
                     f"({len(body_bytes)} bytes): {self._snippet(body_bytes)}",
@@ -368,9 +410,25 @@ class KeepaClient:
             self._fail(PaymentRequired(f"{reason}: {self._snippet(body_bytes)}", status=status), status)
         if code == 408 or code >= 500:
             self.stats._inc("transient", f"http_{code}")
+            if paid and status is None:
+                # Without an envelope a paid 5xx may have been charged (a proxy in front of a served request).
+                self.stats._inc("errors", ResponseLost.__name__)
+                raise ResponseLost(f"{reason} without a token envelope (may be charged): {self._snippet(body_bytes)}",
+                                   http_status=code)
             raise TransientKeepaError(f"{reason}: {self._snippet(body_bytes)}", http_status=code, status=status)
         # 400 (bad parameters or key), 404, 405 and anything else unexpected: not retried.
         self._fail(RequestRejected(f"{reason}: {self._snippet(body_bytes)}", http_status=code, status=status), status)
+
+    def _lost(self, endpoint: str, body: bytes, what: str, text: str, http_status: int | None) -> NoReturn:
+        """Raise :class:`ResponseLost` for a paid answer damaged in transit, keeping what it still holds
+        (the envelope when complete, whole products at the head of a /product body)."""
+        status, partial = _salvage(body) if body else (None, [])
+        if status is not None:
+            self._publish(endpoint, status)
+        self.stats._inc("errors", ResponseLost.__name__)
+        suffix = f": {text}" if text else ""
+        raise ResponseLost(f"{what}, {len(partial)} complete product(s) kept; may be charged{suffix}",
+                           http_status=http_status, status=status, partial_products=partial)
 
     def _fail(self, err: KeepaError, status: TokenStatus | None) -> NoReturn:
         if status is not None and err.status is None:
@@ -378,20 +436,35 @@ class KeepaClient:
         self.stats._inc("errors", type(err).__name__)
         raise err
 
-    def _send(self, url: str, params: dict[str, str]) -> tuple[requests.Response | None, tuple[str, str] | None]:
-        """One HTTP GET. Transport failures come back as ``(kind, redacted text)``, never raised here,
-        so that typed errors are raised outside this ``except`` (no ``__context__`` holding the URL)."""
+    def _send(self, url: str, params: dict[str, str]) -> tuple[requests.Response | None, bytes, tuple[str, str] | None]:
+        """One HTTP GET: ``(response, body, None)`` or ``(None, bytes that did arrive, (kind, redacted text))``.
+
+        Transport failures are returned, never raised here, so that typed errors are raised outside
+        this ``except`` (no ``__context__`` holding the URL). The body is streamed so that what arrived
+        before a cut survives it (a truncated paid /product body still holds complete products).
+        """
+        chunks: list[bytes] = []
         try:
-            response = self._session.get(url, params=params, timeout=self.timeout_s)
-            return response, None
+            response = self._session.get(url, params=params, timeout=self.timeout_s, stream=True)
+            try:
+                for chunk in response.iter_content(chunk_size=_READ_CHUNK):
+                    chunks.append(chunk)
+            finally:
+                response.close()
+            return response, b"".join(chunks), None
+        except requests.exceptions.ConnectTimeout as exc:
+            return None, b"", ("connect_timeout", self._describe(exc))
         except requests.exceptions.Timeout as exc:
-            return None, ("timeout", self._describe(exc))
+            return None, b"".join(chunks), ("timeout", self._describe(exc))
         except requests.exceptions.ChunkedEncodingError as exc:
-            return None, ("incomplete_body", self._describe(exc))
+            return None, b"".join(chunks), ("incomplete_body", self._describe(exc))
         except requests.exceptions.ConnectionError as exc:
-            return None, ("connection", self._describe(exc))
+            if "Read timed out" in str(exc):  # a read timeout while streaming the body
+                return None, b"".join(chunks), ("timeout", self._describe(exc))
+            refused = _is_refused(exc)
+            return None, b"".join(chunks), ("connection_refused" if refused else "connection", self._describe(exc))
         except requests.exceptions.RequestException as exc:
-            return None, ("request_error", self._describe(exc))
+            return None, b"".join(chunks), ("request_error", self._describe(exc))
 
     def _describe(self, exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}"
@@ -412,6 +485,63 @@ def _parse_json(body: bytes) -> tuple[Any, str | None]:
     return None, ("truncated_json" if head in (b"{", b"[") else "non_json")
 
 
+def _is_refused(exc: BaseException) -> bool:
+    """True when the connection was never established (nothing reached the server)."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, (ConnectionRefusedError,)) or type(cur).__name__ in ("NewConnectionError", "NameResolutionError"):
+            return True
+        stack.extend([getattr(cur, "reason", None), cur.__cause__, cur.__context__, *[a for a in getattr(cur, "args", ()) if isinstance(a, BaseException)]])
+    return False
+
+
+def _with_consumed(status: TokenStatus, consumed: int) -> TokenStatus:
+    return status if status.tokens_consumed == consumed else dataclasses.replace(status, tokens_consumed=consumed)
+
+
+_ENVELOPE_FIELDS = {"timestamp": "timestamp", "tokensLeft": "tokensLeft", "refillIn": "refillIn",
+                    "refillRate": "refillRate", "tokensConsumed": "tokensConsumed"}
+
+
+def _salvage(body: bytes) -> tuple[TokenStatus | None, list[dict]]:
+    """What a truncated paid body still holds: its envelope (when every field arrived, e.g. Keepa puts
+    it first) and the complete objects at the head of its ``products`` list (in full, parsed one by one)."""
+    text = body.decode("utf-8", errors="ignore")
+    status: TokenStatus | None = None
+    found: dict[str, int] = {}
+    for name in _ENVELOPE_FIELDS:
+        m = re.search(r'"%s"\s*:\s*(-?\d+)' % name, text)
+        if m is not None:
+            found[name] = int(m.group(1))
+    if len(found) == len(_ENVELOPE_FIELDS):
+        try:
+            status = TokenStatus.from_envelope(found)
+        except MalformedPayload:
+            status = None
+    products: list[dict] = []
+    start = re.search(r'"products"\s*:\s*\[', text)
+    if start is not None:
+        decoder = json.JSONDecoder()
+        pos = start.end()
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(text) or text[pos] == "]":
+                break
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except ValueError:
+                break  # the cut went through this object: it and the rest are missing
+            if isinstance(obj, dict):
+                products.append(obj)
+    return status, products
+
+
 def _envelope_or_none(body: Any) -> TokenStatus | None:
     if not isinstance(body, dict):
         return None
@@ -421,4 +551,4 @@ def _envelope_or_none(body: Any) -> TokenStatus | None:
         return None
 
 
-__all__ = ["ClientStats", "KeepaClient", "DEFAULT_BASE_URL", "ENV_API_KEY", "ENV_BASE_URL", "ENV_DOMAIN"]
+__all__ = ["ClientStats", "KeepaClient", "PAID_ENDPOINTS", "DEFAULT_BASE_URL", "ENV_API_KEY", "ENV_BASE_URL", "ENV_DOMAIN"]

@@ -44,19 +44,41 @@ class PaymentRequired(KeepaError):
 
 
 class TransientKeepaError(KeepaError):
-    """Worth retrying: 5xx, timeouts, connection errors, truncated or non-JSON bodies."""
+    """Worth retrying: 5xx, timeouts, connection errors, truncated or non-JSON bodies.
 
-    def __init__(self, message: str, http_status: int | None = None, status: "TokenStatus | None" = None) -> None:
+    ``maybe_charged``: the request reached the server and its answer was lost or damaged (read
+    timeout, truncated or non-JSON 200 body, a connection dropped mid-response), so the server may
+    have charged it. Paid endpoints never retry those blindly (see :class:`ResponseLost`).
+    """
+
+    def __init__(self, message: str, http_status: int | None = None, status: "TokenStatus | None" = None,
+                 *, maybe_charged: bool = False) -> None:
         super().__init__(message)
         self.http_status = http_status
         self.status = status
+        self.maybe_charged = maybe_charged
+
+
+class ResponseLost(TransientKeepaError):
+    """A paid request (``/deal``, ``/product``) whose answer did not arrive intact: not retried.
+
+    The server probably charged it. ``status`` is the envelope when it could be read from the damaged
+    body (else None: the charge is unknown until the next envelope re-bases the budget).
+    ``partial_products`` holds the complete product objects read from a truncated ``/product`` body,
+    so the caller keeps them and pays again only for the missing ASINs.
+    """
+
+    def __init__(self, message: str, *, http_status: int | None = None, status: "TokenStatus | None" = None,
+                 partial_products: "list[dict] | None" = None) -> None:
+        super().__init__(message, http_status=http_status, status=status, maybe_charged=True)
+        self.partial_products: list[dict] = list(partial_products or [])
 
 
 class RetriesExhausted(TransientKeepaError):
     """A transient failure persisted through every bounded retry."""
 
     def __init__(self, message: str, attempts: int, last: TransientKeepaError) -> None:
-        super().__init__(message, http_status=last.http_status, status=last.status)
+        super().__init__(message, http_status=last.http_status, status=last.status, maybe_charged=last.maybe_charged)
         self.attempts = attempts
         self.last = last
 

@@ -27,6 +27,28 @@ Churn (a list that moves), for token-economics and scheduling tests and benchmar
   often the list was read before t. ``sim.catalog.versions()`` lists every (asin, lastUpdate, visible_from)
   ever served and ``sim.catalog.expired()`` every expiry, for exact accounting in tests.
 * ``seed`` fixes the catalog and the churn, so figures repeat run to run.
+
+Fidelity (what the real API does per KEEPA_API.md or the samples -> what this simulator does):
+
+* selection filters (§4.1) -> honoured: categories, the five ranges (with ``isRangeEnabled``), ``minRating``,
+  ``hasReviews``, ``isLowest``/``isLowest90``, Amazon-offer flags (with ``isFilterEnabled``), ``titleSearch``,
+  ``priceTypes``/``dateRange``; ``categoryCount`` ignores only the category filters (filters.py).
+* Books/used query: 726-793 deals, 5 full pages + a short one -> 764 of 800 deals (the catalog is drawn around
+  that query: 96 % meet it, the rest miss exactly one filter).
+* list movement: 20-47 % updated, 4-11 % new per hour; 0-2 repeats per run at page boundaries -> calibrated
+  churn (CALIBRATED_CHURN); repeats at boundaries only (test_churn.py).
+* /product cost: 1 ASIN 6, 5 ASINs 30-38, 10 ASINs 68-74 -> ~6.9 per ASIN, same ranges (products.py).
+* product object: 85/86 keys, full stats, historical offers beyond ``offers`` -> the same key sets and stats
+  fields, historical offers returned unless ``only-live-offers=1``.
+* sentinels: -2 in avg at 28 price types, at current[31] for ~19 % -> the same shares.
+* a dummy key -> HTTP 400 when ``expected_key`` is set (tests, the demo).
+
+Still differs: the universe is the reference query's neighbourhood (800 deals, not Keepa's millions), so
+``categoryCount`` of the Books/used query shows ~20 non-Books deals where the sample shows ~2,100; which fields
+``isFilterEnabled`` gates, what sortType 1 orders by, ``isLowest`` (a seeded draw: deals carry no all-time
+minimum) and the shape of a not-in-DB product are guesses; attribute filters (brand, author, ...) and
+``singleVariation`` are accepted but not applied; histories are short synthetic series; the 120 s deal cache and
+``dealsCached`` are not modelled; ``/seller``, ``/query`` and other endpoints do not exist.
 """
 
 from deals_pipeline.simulator.bucket import TokenBucket

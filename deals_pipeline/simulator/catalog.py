@@ -31,6 +31,7 @@ from deals_pipeline.simulator.products import (
     ProductTraits,
     build_offers,
     empty_product,
+    seller_id,
 )
 from deals_pipeline.simulator.products import cost as product_cost
 
@@ -899,7 +900,7 @@ class SyntheticCatalog:
                 for c in rank_cats if cur[3] > 0
             }
             product["salesRankReferenceHistory"] = [last_update - 500_000, root, last_update - 2_000, root]
-            sellers = ["A" + "".join(rng.choice(_ALNUM) for _ in range(13)) for _ in range(3)]
+            sellers = [seller_id(rng) for _ in range(3)]
             product["buyBoxSellerIdHistory"] = [
                 str(v) for t in range(3) for v in (last_update - (3 - t) * 9_000, rng.choice([*sellers, "-1"]))
             ]
@@ -973,6 +974,7 @@ class SyntheticCatalog:
         live_total: int,
     ) -> dict[str, Any]:
         avg30, avg90, avg180, avg365 = avgs
+        rnd = rng.random
         days = _stats_days(req.stats)
         avg = avg30 if days <= 30 else avg90 if days <= 90 else avg180 if days <= 180 else avg365
 
@@ -982,15 +984,14 @@ class SyntheticCatalog:
                 if c < 0 and a < 0:
                     out.append([-1, -1] if in_interval and rng.random() < 0.3 else None)
                     continue
-                vals = [v for v in (c, a) if v >= 0]
-                v = pick(vals)
+                v = pick([v for v in (c, a) if v >= 0])
                 span = days * 1_440 if in_interval else 5_000_000
-                out.append([last_update - rng.randint(0, span), v])
+                out.append([last_update - int(rnd() * span), v])
             return out
 
         def out_of_stock() -> list[int]:
-            return [-1 if i == 3 or i in _COUNT_TYPES or (c < 0 and rng.random() < 0.4)
-                    else (100 if c < 0 else rng.randint(0, 99)) for i, c in enumerate(cur)]
+            return [-1 if i == 3 or i in _COUNT_TYPES or (c < 0 and rnd() < 0.4)
+                    else (100 if c < 0 else int(rnd() * 100)) for i, c in enumerate(cur)]
 
         live = [offers[i] for i in live_order]
         fba = sum(1 for o in live if o["isFBA"])
@@ -1056,7 +1057,7 @@ class SyntheticCatalog:
             "totalOfferCount": live_total if with_offers else -2,
             "tradeInPrice": -1,
         }
-        seller = "A" + "".join(rng.choice(_ALNUM) for _ in range(13))
+        seller = seller_id(rng)
         if cur[18] > 0:  # a new buy box
             stats.update(buyBoxPrice=max(1, cur[18] - 399), buyBoxShipping=399, buyBoxSellerId=seller,
                          buyBoxIsShippable=True, buyBoxIsUnqualified=False, buyBoxCondition=1)

@@ -21,7 +21,7 @@ samples always send both switches true, so the reference query is unaffected eit
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 _RANGE_FIELDS = ("currentRange", "deltaRange", "deltaPercentRange", "deltaLastRange", "salesRankRange")
@@ -130,8 +130,6 @@ class DealFilter:
 
     def without_categories(self) -> "DealFilter":
         """The same filter with the category filters off: what ``categoryCount`` counts."""
-        from dataclasses import replace
-
         return replace(self, include_categories=None, exclude_categories=None)
 
     def matches(self, deal: Mapping[str, Any]) -> bool:

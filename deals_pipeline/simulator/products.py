@@ -38,19 +38,8 @@ PRODUCT_KEYS: tuple[str, ...] = (
     "salesRankReferenceHistory", "salesRanks", "size", "stats", "title", "trackingSince", "type", "upcList",
     "urlSlug", "variableClosingFee", "variationCSV", "variations", "websiteDisplayGroup", "websiteDisplayGroupName",
 )
-#: Keys ``history=1`` adds (the 055299068X sample).
-HISTORY_ONLY_KEYS = ("buyBoxUsedHistory",)
-#: Offer keys of the real samples.
-OFFER_KEYS = (
-    "condition", "conditionComment", "couponHistory", "isAddonItem", "isAmazon", "isFBA", "isMAP", "isPreorder",
-    "isPrime", "isPrimeExcl", "isScam", "isShippable", "isWarehouseDeal", "lastSeen", "lastStockUpdate",
-    "minOrderQty", "offerCSV", "offerId", "sellerId", "shipsFromChina",
-)
-
-N_TYPES = 34
-SHIPPING_TYPES = frozenset({7, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 32})
 OFFER_PAGE_COST = 6
-#: Calibration (see the module docstring and test_costs.py).
+#: Calibration (see the module docstring and deals_pipeline_tests/simulator/test_costs_and_objects.py).
 P_MORE_THAN_ONE_OFFER_PAGE = 0.10
 P_RATING_FRESH = 0.25
 P_STOCK_FRESH = 0.6
@@ -114,6 +103,15 @@ def empty_product(asin: str, domain_id: int) -> dict[str, Any]:
     return out
 
 
+def seller_id(rng: random.Random) -> str:
+    """An Amazon seller id: 'A' and 12-13 base-36 characters (cheap: one 64-bit draw)."""
+    n, chars = rng.getrandbits(66), []
+    for _ in range(12 + (n & 1)):
+        n, r = divmod(n >> 1 if not chars else n, 36)
+        chars.append(_ALNUM[r])
+    return "A" + "".join(chars)
+
+
 def build_offers(
     seed: int, asin: str, traits: ProductTraits, req: Any, now_min: int
 ) -> tuple[list[dict[str, Any]], list[int], int]:
@@ -123,7 +121,7 @@ def build_offers(
     live_n = min(traits.live_offers, req.offers or 0)
     hist_n = 0 if req.only_live_offers else traits.historical_offers
     drawn: list[tuple[bool, dict[str, Any]]] = []
-    for k in range(traits.live_offers + traits.historical_offers):
+    for k in range(traits.live_offers + hist_n):  # live offers are drawn first: the same whatever follows
         live = k < traits.live_offers
         condition = orng.choice((1, 2, 3, 4, 4, 4, 5))
         price = orng.randint(199, 40_000)
@@ -158,7 +156,7 @@ def build_offers(
             "minOrderQty": 1,
             "offerCSV": csv,
             "offerId": k,
-            "sellerId": "A" + "".join(orng.choice(_ALNUM) for _ in range(orng.randint(11, 13))),
+            "sellerId": seller_id(orng),
             "shipsFromChina": False,
         }
         if condition > 1 and orng.random() < 0.7:
@@ -169,8 +167,6 @@ def build_offers(
             offer["stockCSV"] = [stock_update, orng.randint(1, 30)]
         if live and k >= live_n:
             continue  # beyond the `offers` value: not retrieved
-        if not live and k - traits.live_offers >= hist_n:
-            continue
         drawn.append((live, offer))
     order = list(range(len(drawn)))
     _rng(seed, "offerorder", asin).shuffle(order)

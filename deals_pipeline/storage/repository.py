@@ -217,7 +217,8 @@ def _assignments() -> str:
     parts += [f"{c} = CASE WHEN excluded.state <> 'discovered' OR deals.state IS NULL THEN excluded.{c} ELSE deals.{c} END"
               for c in VERDICT_COLUMNS]
     parts += ["last_seen = greatest(deals.last_seen, excluded.last_seen)",
-              "last_seen_ms = greatest(deals.last_seen_ms, excluded.last_seen_ms)"]
+              "last_seen_ms = greatest(deals.last_seen_ms, excluded.last_seen_ms)",
+              "inactive_since = NULL"]  # listed again (a deal page or an upsert): active (lifecycle.py)
     return ", ".join(parts)
 
 
@@ -247,7 +248,7 @@ def write_deals(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame) -> UpsertCo
                  "OR i.stage1_at_ms IS NOT NULL OR i.state <> 'discovered' OR d.state IS NULL")
         con.execute(
             "UPDATE deals SET last_seen = greatest(deals.last_seen, i.last_seen), "
-            "last_seen_ms = greatest(deals.last_seen_ms, i.last_seen_ms) FROM incoming_deals i "
+            "last_seen_ms = greatest(deals.last_seen_ms, i.last_seen_ms), inactive_since = NULL FROM incoming_deals i "
             f"WHERE deals.asin = i.asin AND NOT ({merge.replace('d.', 'deals.')})"
         )
         con.execute(

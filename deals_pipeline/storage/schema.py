@@ -191,6 +191,28 @@ MIGRATIONS: list[str] = [
         updated_at TIMESTAMPTZ NOT NULL
     );
     """,
+    # v5: deal lifecycle (issue 13, deals_pipeline/lifecycle.py): a deal a full discovery pass no longer
+    # lists is inactive from then on; the janitor archives (or deletes) it after the retention period.
+    """
+    ALTER TABLE deals ADD COLUMN inactive_since TIMESTAMPTZ;
+    CREATE TABLE IF NOT EXISTS deals_archive (
+        asin VARCHAR NOT NULL,
+        archived_at TIMESTAMPTZ NOT NULL,
+        inactive_since TIMESTAMPTZ,
+        last_seen TIMESTAMPTZ,
+        row_json JSON NOT NULL              -- the whole deals row, whatever columns it had then
+    );
+    CREATE TABLE IF NOT EXISTS discovery_passes (
+        pass_id VARCHAR PRIMARY KEY,
+        started_at TIMESTAMPTZ NOT NULL,
+        finished_at TIMESTAMPTZ,
+        complete BOOLEAN NOT NULL,
+        pages INTEGER NOT NULL,
+        deals_listed INTEGER NOT NULL,
+        marked_inactive INTEGER NOT NULL,
+        reactivated INTEGER NOT NULL
+    );
+    """,
 ]
 
 #: The deal-page price types a reseller uses: (column prefix, index into current/avg/delta/deltaPercent).

@@ -27,13 +27,14 @@ from deals_pipeline.clock import Clock
 from deals_pipeline.enrichment import ChunkEnricher, ChunkPlan, EnrichmentPolicy, FetchedProducts, ViabilityRules
 from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import ConfigError, KeepaError
-from deals_pipeline.keepa.keepa_time import unix_ms_to_keepa_minute
+from deals_pipeline.keepa.keepa_time import keepa_minute_to_datetime, unix_ms_to_keepa_minute
 from deals_pipeline.keepa.models import MAX_DEAL_PAGE, Deal
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.keepa.redact import redact
 import duckdb
 
 from deals_pipeline.storage import Database, DatabaseBusy
+from deals_pipeline.storage.publish import DealPublisher, publish_quietly
 from deals_pipeline.storage.repository import discovered_backlog, utcnow, write_deals
 from deals_pipeline.scheduling import (
     DEFAULT_MAX_PAGES_PER_RUN,
@@ -54,6 +55,8 @@ WATERMARK_NAME = "recent_deals"
 #: re-read below the watermark never reaches under it (else the first runs would treat the whole
 #: unstored history just below the first batch as "late arrivals").
 FLOOR_NAME = "recent_deals_floor"
+#: Spool scopes of the upserter's paid responses (one per run and chunk).
+SPOOL_PREFIX = "upsert-"
 
 
 @dataclass(frozen=True, order=True)
@@ -66,6 +69,11 @@ class Watermark:
     @classmethod
     def of(cls, deal: Deal) -> "Watermark":
         return cls(int(deal.last_update), deal.asin)
+
+    def __str__(self) -> str:
+        """``2026-12-01 20:16 UTC, ASIN B0VJ7YRFDL``: what logs, metadata and status show."""
+        when = keepa_minute_to_datetime(self.last_update_minute).strftime("%Y-%m-%d %H:%M UTC")
+        return f"{when}, ASIN {self.asin}"
 
 
 @dataclass(frozen=True)
@@ -155,7 +163,7 @@ class UpsertReport:
 
 
 def _wm_text(wm: Watermark | None) -> str:
-    return "none" if wm is None else f"{wm.last_update_minute}/{wm.asin}"
+    return "none" if wm is None else str(wm)
 
 
 def read_watermark(db: Database, name: str = WATERMARK_NAME) -> Watermark | None:
@@ -176,8 +184,11 @@ class RecentDealsUpdater:
         *,
         clock: Clock,
         source: str,
+        publisher: DealPublisher | None = None,
     ) -> None:
         self.db = db
+        #: Publishes the read-only copy for readers at the end of every run that stored something.
+        self.publisher = publisher if publisher is not None else DealPublisher(db)
         self.client = client
         self.budget = budget
         self.settings = settings
@@ -229,7 +240,12 @@ class RecentDealsUpdater:
             # Progress committed so far stays; the watermark is where the last committed chunk put it.
             report.status = "failed"
             report.error = redact(f"{type(exc).__name__}: {exc}")[:500]
-        self._record_run(report, started=False)
+        try:
+            self._record_run(report, started=False)
+        except DatabaseBusy as exc:  # the run's outcome is in its report; its paid data is spooled
+            log.warning("upsert run %s: could not record its end (%s)", report.run_id, redact(str(exc))[:200])
+        if report.deals_new or report.deals_updated:
+            publish_quietly(self.publisher, force=True)
         if report.status == "failed":
             log.warning("upsert run %s failed after %d chunks: %s", report.run_id, report.chunks_done, report.error)
         return report
@@ -360,6 +376,11 @@ class RecentDealsUpdater:
         return sorted((d for d in plan.deals if d.asin in buy), key=Watermark.of)
 
     def _run(self, report: UpsertReport, deadline_ms: int | None, on_chunk) -> None:
+        # Paid responses an earlier run could not commit (busy database, killed run) are stored first,
+        # so they are skipped as fresh below instead of bought again.
+        _, replay_new, replay_updated = self.enricher.replay_orphans(SPOOL_PREFIX)
+        report.deals_new += replay_new
+        report.deals_updated += replay_updated
         seen, server_minute, top = self._discover_pages(report, deadline_ms)
         if report.watermark_before is None and seen:
             first = sorted(seen, key=Watermark.of)[-report.batch_size :][0]
@@ -397,14 +418,19 @@ class RecentDealsUpdater:
         """Stage 1 (committed on its own) then stage 2 for one chunk; each commit settles its spend."""
         detail = f"upsert {report.run_id} chunk {index}"
         plan = self.enricher.plan(chunk)
+        # Every paid response is spooled before any database work; an orphan (busy file, killed run) is
+        # stored by the next run's replay_orphans instead of being bought again.
+        scope = f"{SPOOL_PREFIX}{report.run_id}-c{index}"
         if plan.to_screen:
-            screened = self.enricher.screen(plan, deadline_ms=deadline_ms, detail=detail)
+            screened = self.enricher.screen(plan, deadline_ms=deadline_ms, detail=detail, scope=scope, deals=chunk)
             with self.db.transaction() as con:
                 self.enricher.commit_screen(con, plan, screened)
+            self.enricher.consumed(screened)
             report.tokens_spent += screened.tokens
-        fetched = self.enricher.fetch(plan.to_fetch, deadline_ms=deadline_ms, detail=detail)
+        fetched = self.enricher.fetch(plan.to_fetch, deadline_ms=deadline_ms, detail=detail, scope=scope, deals=chunk)
         with self.db.transaction() as con:
             self.enricher.commit(con, plan, fetched)
+        self.enricher.consumed(fetched)
         report.filtered += len(plan.filtered) + len(plan.screened_out)
         report.fresh_skipped += len(plan.fresh)
         report.tokens_spent += fetched.tokens

@@ -2,7 +2,8 @@
 
 Spends /product calls of 4 ASINs through a TokenBudget on a shared DuckDB file against a simulator
 URL, on a ScaledClock rebuilt from (scale, anchor), until the budget says the deadline cannot be met.
-Prints one JSON summary line on stdout.
+Prints one JSON summary line on stdout: each call as [server timestamp, consumed, left, elapsed timeline ms,
+slept timeline ms], the 429s, and where it stopped.
 """
 
 from __future__ import annotations
@@ -18,6 +19,20 @@ from deals_pipeline.keepa.client import KeepaClient
 from deals_pipeline.keepa.errors import NotEnoughTokens
 from deals_pipeline.keepa.query import ProductOptions
 from deals_pipeline.storage.db import Database
+
+
+class _SleepCountingClock(ScaledClock):
+    """The shared timeline, counting the time this process chose to sleep (budget waits, backoffs).
+
+    Unlike the elapsed timeline time of a call, the slept time does not grow with the machine's load:
+    at x120 one wall second of CPU or lock contention is two timeline minutes.
+    """
+
+    slept_total_ms: float = 0.0
+
+    def sleep_ms(self, ms: float) -> None:
+        self.slept_total_ms += max(0.0, ms)
+        super().sleep_ms(ms)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-ms", type=int, default=0, help="pause after each call (a scheduled upserter)")
     args = ap.parse_args(argv)
 
-    clock = ScaledClock(args.scale, args.anchor)
+    clock = _SleepCountingClock(args.scale, args.anchor)
     options = ProductOptions(stats=90, offers=20, rating=True)
     priority = Priority[args.priority]
     out: dict = {"owner": args.owner, "priority": args.priority, "calls": [], "r429": [], "gave_up": 0, "stop": None}
@@ -58,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                     out["r429"].append([s.timestamp_ms, s.next_refill_ms, s.tokens_left] if s else None)
                     raise
 
-            t0 = clock.now_ms()
+            t0, slept0 = clock.now_ms(), clock.slept_total_ms
             try:
                 page, _ = budget.call(
                     fn, cost=budget.costs.products(4, options, cap=300), purpose="product",
@@ -71,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 out["gave_up"] += 1
                 continue
             s = page.status
-            out["calls"].append([s.timestamp_ms, s.tokens_consumed, s.tokens_left, clock.now_ms() - t0])
+            out["calls"].append([s.timestamp_ms, s.tokens_consumed, s.tokens_left, clock.now_ms() - t0,
+                                 int(clock.slept_total_ms - slept0)])
             if args.idle_ms:
                 clock.sleep_ms(args.idle_ms)
     print(json.dumps(out))

@@ -1,4 +1,10 @@
-"""Fixtures for the token-budget tests: real DuckDB files in tmp_path, a ManualClock (no real sleeping)."""
+"""Fixtures for the token-budget tests: a ManualClock (no real sleeping) and the shared state.
+
+``make_budget`` builds budgets on one in-memory store per test (the arbiter's unit tests: every
+budget it makes shares that state, as processes share a DuckDB file). ``make_duckdb_budget`` builds
+them on a real DuckDB file, for what only DuckDB can show (joining the caller's transaction).
+``test_store_contract.py`` holds both stores to the same behaviour.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
-from deals_pipeline.budget import BudgetPolicy, TokenBudget
+from deals_pipeline.budget import BudgetPolicy, InMemoryBudgetStore, TokenBudget
 from deals_pipeline.clock import ManualClock
 from deals_pipeline.keepa.models import TokenStatus
 from deals_pipeline.storage.db import Database
@@ -26,7 +32,20 @@ def db(tmp_path: Path) -> Database:
 
 
 @pytest.fixture
-def make_budget(db: Database, clock: ManualClock) -> Callable[..., TokenBudget]:
+def store() -> InMemoryBudgetStore:
+    return InMemoryBudgetStore()
+
+
+@pytest.fixture
+def make_budget(store: InMemoryBudgetStore, clock: ManualClock) -> Callable[..., TokenBudget]:
+    def _make(owner: str = "test", policy: BudgetPolicy | None = None, **kw: Any) -> TokenBudget:
+        return TokenBudget(store, clock, policy or BudgetPolicy(), owner, **kw)
+
+    return _make
+
+
+@pytest.fixture
+def make_duckdb_budget(db: Database, clock: ManualClock) -> Callable[..., TokenBudget]:
     def _make(owner: str = "test", policy: BudgetPolicy | None = None, **kw: Any) -> TokenBudget:
         return TokenBudget(db, clock, policy or BudgetPolicy(), owner, **kw)
 

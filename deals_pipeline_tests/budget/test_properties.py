@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +12,7 @@ from deals_pipeline.budget import (
     BudgetDeadline,
     BudgetPolicy,
     Priority,
+    InMemoryBudgetStore,
     TokenBudget,
     max_new_deals_per_run,
     project_server_balance,
@@ -23,7 +22,6 @@ from deals_pipeline.budget import (
 )
 from deals_pipeline.clock import ManualClock
 from deals_pipeline.keepa.models import REFILL_PERIOD_MS, TokenStatus, refill_wait_ms
-from deals_pipeline.storage.db import Database
 from deals_pipeline_tests.budget.conftest import START_MS, status
 
 SAMPLE_429 = TokenStatus(tokens_left=-249, refill_in_ms=45_592, refill_rate=5, timestamp_ms=1_758_036_697_230)
@@ -65,14 +63,14 @@ def test_sample_429_wait_is_2985592_ms() -> None:
     assert refill_wait_ms(SAMPLE_429, 1, SAMPLE_429.timestamp_ms, 0) == 2_985_592
 
 
-def test_sample_429_through_the_budget(tmp_path: Path) -> None:
+def test_sample_429_through_the_budget() -> None:
     clock = ManualClock(SAMPLE_429.timestamp_ms)
-    budget = TokenBudget(Database(tmp_path / "b.duckdb"), clock, BudgetPolicy(margin_ms=0, low_rate_below=0))
+    budget = TokenBudget(InMemoryBudgetStore(), clock, BudgetPolicy(margin_ms=0, low_rate_below=0))
     budget.observe(SAMPLE_429)
     assert budget.wait_ms(1, Priority.UPSERT) == 2_985_592
     # Recharge mode on (5/min < 10): the upserter still waits only for its own cost (it is not held back
     # by recharge mode); the backfill waits for the burst level 80 plus the upserter's reserve of 40.
-    budget2 = TokenBudget(Database(tmp_path / "c.duckdb"), clock, BudgetPolicy(margin_ms=0))
+    budget2 = TokenBudget(InMemoryBudgetStore(), clock, BudgetPolicy(margin_ms=0))
     budget2.observe(SAMPLE_429)
     assert budget2.wait_ms(1, Priority.UPSERT) == 2_985_592
     assert budget2.wait_ms(1, Priority.BACKFILL) == formula_wait(SAMPLE_429, 120, clock.now_ms(), 0) == 45_592 + 73 * 60_000
@@ -129,28 +127,21 @@ def test_projection_never_exceeds_cap(s: TokenStatus, dt: int) -> None:
 
 
 class _Harness:
-    """One DuckDB file reused across hypothesis examples (tables emptied per example)."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.TemporaryDirectory()
-        self.db = Database(Path(self.dir.name) / "prop.duckdb")
+    """A fresh in-memory store per hypothesis example: the arbiter's rules, microseconds per decision.
+    (test_store_contract.py holds the DuckDB store to the same behaviour.)"""
 
     def fresh(self, policy: BudgetPolicy, owner: str = "prop") -> tuple[TokenBudget, ManualClock]:
-        with self.db.transaction() as con:
-            for t in ("token_server_status", "token_ledger", "budget_state"):
-                con.execute(f"DELETE FROM {t}")
+        self.store = InMemoryBudgetStore()
         clock = ManualClock(START_MS)
-        return TokenBudget(self.db, clock, policy, owner), clock
+        return TokenBudget(self.store, clock, policy, owner), clock
 
 
 @pytest.fixture(scope="module")
 def harness() -> _Harness:
-    h = _Harness()
-    yield h
-    h.dir.cleanup()
+    return _Harness()
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(s=statuses(), policy=policies, cost=st.integers(0, 2_000), prio=st.sampled_from(list(Priority)),
        inflight=st.lists(st.integers(0, 400), max_size=3))
 def test_budget_waits_are_bounded_and_sufficient(
@@ -158,7 +149,7 @@ def test_budget_waits_are_bounded_and_sufficient(
 ) -> None:
     budget, clock = harness.fresh(policy)
     budget.observe(s)
-    other = TokenBudget(harness.db, clock, policy, "other")
+    other = TokenBudget(harness.store, clock, policy, "other")
     for c in inflight:  # other workers' reservations, taken while they were affordable
         if other.wait_ms(c, Priority.UPSERT) == 0:
             other.acquire(c, purpose="other", priority=Priority.UPSERT)
@@ -179,7 +170,7 @@ def test_budget_waits_are_bounded_and_sufficient(
         assert wait <= max(full, policy.reservation_ttl_ms)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(s=statuses(), cost=st.integers(1, 400), prio=st.sampled_from(list(Priority)), frac=st.floats(0.0, 0.999))
 def test_unreachable_deadline_raises_without_sleeping(
     harness: _Harness, s: TokenStatus, cost: int, prio: Priority, frac: float
@@ -198,7 +189,7 @@ def test_unreachable_deadline_raises_without_sleeping(
     assert budget.ledger_summary()["calls"] == 0 and budget.projection().reserved_in_flight == 0
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(first=st.integers(1, 9), second=st.integers(20, 250), balance=st.integers(-100, 40))
 def test_learned_rate_changes_thresholds_and_run_size(harness: _Harness, first: int, second: int, balance: int) -> None:
     budget, clock = harness.fresh(BudgetPolicy(initial_refill_rate=5))
@@ -223,9 +214,9 @@ def test_learned_rate_changes_thresholds_and_run_size(harness: _Harness, first: 
     )
 
 
-def test_learned_rate_5_then_50_then_200(tmp_path: Path) -> None:
+def test_learned_rate_5_then_50_then_200() -> None:
     clock = ManualClock(START_MS)
-    budget = TokenBudget(Database(tmp_path / "r.duckdb"), clock, BudgetPolicy())
+    budget = TokenBudget(InMemoryBudgetStore(), clock, BudgetPolicy())
     budget.observe(status(clock, 0, rate=5))
     assert budget.thresholds().recharge_enabled and budget.thresholds().cap == 300
     assert budget.max_new_deals_per_run() == 20

@@ -6,6 +6,8 @@ import itertools
 import logging
 from pathlib import Path
 
+import pytest
+
 from deals_pipeline.budget import BudgetDeadline, BudgetPolicy, Priority, TokenBudget
 from deals_pipeline.clock import ManualClock
 from deals_pipeline.keepa.client import KeepaClient
@@ -14,6 +16,8 @@ from deals_pipeline.keepa.query import ProductOptions
 from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
 from deals_pipeline.storage.db import Database
 from deals_pipeline_tests.budget.conftest import START_MS
+
+pytestmark = pytest.mark.slow  # the simulator over HTTP with a DuckDB budget
 
 log = logging.getLogger(__name__)
 OPTIONS = ProductOptions(stats=90, offers=20, rating=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import re
+
 import dagster as dg
 import pytest
 
@@ -20,6 +22,8 @@ from deals_pipeline.defs.sensors import deal_pages_sensor, recent_deals_sensor
 from deals_pipeline.simulator import KeepaSimulator, SimulatorConfig
 from deals_pipeline.defs.recent_deals import recent_deals
 
+pytestmark = pytest.mark.slow  # Dagster instances and in-process runs
+
 
 def _page_run(partition_key, instance, resources):
     return dg.materialize([deal_pages], partition_key=partition_key, instance=instance, resources=resources)
@@ -33,7 +37,7 @@ def test_definitions_load_with_every_asset_check_sensor_and_resource():
     assert {"deal_pages", "recent_deals"} <= keys
     assert {s.name for s in repo.sensor_defs} == {"deal_pages_sensor", "recent_deals_sensor", "maintenance_sensor"}
     checks = {k.name for k in repo.asset_graph.asset_check_keys}
-    assert {"no_duplicate_asins", "chunk_progress_matches_deals", "token_deficit_within_bounds",
+    assert {"rows_hold_their_own_asin", "chunk_progress_matches_deals", "token_deficit_within_bounds",
             "discovery_lag_and_backlog", "watermark_not_ahead"} <= checks
     assert DEAL_PAGE_PARTITIONS.get_partition_keys() == [str(p) for p in range(67)]
     assert set(defs.resources) == {"keepa", "database", "token_budget", "query"}
@@ -159,11 +163,17 @@ def test_cli_backfill_runs_a_range_in_order_and_stops_at_the_short_page(sim, tmp
     (home / "dagster.yaml").write_text((root / "dagster_home" / "dagster.yaml").read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEALS_PIPELINE_TIME")}
     env.update(DAGSTER_HOME=str(home), DEALS_PIPELINE_MODE="simulator", KEEPA_SIMULATOR_URL=sim.base_url,
-               DEALS_DB_PATH=str(tmp_path / "cli.duckdb"))
+               DEALS_DB_PATH=str(tmp_path / "cli.duckdb"), COLUMNS="200")
     done = subprocess.run([str(Path(sys.executable).parent / "deals-pipeline"), "backfill", "--pages", "1-5"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line for line in done.stdout.splitlines() if line.startswith("page")]
-    assert lines[0].startswith("page 1: ok complete=True chunks=38/38")
-    assert lines[1].startswith("page 2: ok complete=True chunks=") and "chunks=0/" not in lines[1]
+    out = done.stdout.splitlines()
+    lines = [line for line in out if ": complete" in line or "last page" in line]
+    assert lines[0].startswith("page 1: complete, 38/38 chunks, ")
+    short = re.match(r"page 2: complete, (\d+)/(\d+) chunks, ", lines[1])
+    assert short and short.group(1) == short.group(2) and int(short.group(2)) > 0, lines[1]
+    short_chunks = int(short.group(2))
     assert lines[-1] == "page 2 is the query's last page: backfill complete"
+    # One progress line per committed chunk, in order.
+    assert [line.split(":")[0] for line in out if " chunk " in line] == (
+        [f"page 1 chunk {i}/38" for i in range(1, 39)] + [f"page 2 chunk {i}/{short_chunks}" for i in range(1, short_chunks + 1)])

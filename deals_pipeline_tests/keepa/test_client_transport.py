@@ -17,6 +17,7 @@ from deals_pipeline.keepa.errors import (
     NotEnoughTokens,
     PaymentRequired,
     RequestRejected,
+    ResponseLost,
     RetriesExhausted,
     TransientKeepaError,
 )
@@ -119,16 +120,17 @@ TRANSIENT = {
 @pytest.mark.parametrize("kind", sorted(TRANSIENT))
 def test_transient_failures_retried_and_bounded(server: ScriptedServer, first_page_bytes: bytes,
                                                 kind: str) -> None:
+    """On the free /token endpoint every transient failure is retried, bounded."""
     make_reply = TRANSIENT[kind]
     server.script(*[make_reply(first_page_bytes) for _ in range(5)])
     client, clock, seen = make_client(server.url, max_attempts=3, timeout_s=(1.0, 0.2),
                                       backoff_base_ms=500, backoff_cap_ms=30_000)
     with pytest.raises(RetriesExhausted) as ei:
-        client.deals(DealSelection())
+        client.token_status()
     err = ei.value
     assert err.attempts == 3 and isinstance(err.last, TransientKeepaError)
     assert len(server.hits) == 3  # bounded: exactly max_attempts requests reached the server
-    assert client.stats.attempts["deal"] == 3 and client.stats.retries["deal"] == 2
+    assert client.stats.attempts["token"] == 3 and client.stats.retries["token"] == 2
     assert client.stats.transient[kind] == 3
     # Exponential backoff with jitter (base 500 ms, jitter <= 500 ms), slept on the injected clock.
     assert len(clock.slept_ms) == 2
@@ -140,13 +142,59 @@ def test_transient_failures_retried_and_bounded(server: ScriptedServer, first_pa
         assert seen == []
 
 
+@pytest.mark.parametrize("kind", sorted(set(TRANSIENT) - {"http_500"}))
+def test_paid_request_that_may_be_charged_is_not_retried(server: ScriptedServer, first_page_bytes: bytes,
+                                                         kind: str) -> None:
+    """A paid request whose answer was lost after it was sent is never repeated inside one reservation:
+    the server may have charged it (issue 13: retries were invisible to the ledger)."""
+    server.script(*[TRANSIENT[kind](first_page_bytes) for _ in range(3)])
+    client, clock, _ = make_client(server.url, max_attempts=3, timeout_s=(1.0, 0.2))
+    with pytest.raises(ResponseLost) as ei:
+        client.deals(DealSelection())
+    assert ei.value.maybe_charged and len(server.hits) == 1 and clock.slept_ms == []
+    assert client.stats.attempts["deal"] == 1 and client.stats.retries["deal"] == 0
+
+
+def test_paid_5xx_with_envelope_retried_and_charges_summed(server: ScriptedServer, first_page_bytes: bytes) -> None:
+    """A 5xx that carries an envelope says what it cost: retried, and the result's tokensConsumed is
+    the sum over the attempts, so one reservation settles every charge."""
+    server.script(Reply(500, dict(ENVELOPE, tokensConsumed=2)), Reply(503, dict(ENVELOPE, tokensConsumed=1)),
+                  Reply(200, first_page_bytes))
+    client, clock, seen = make_client(server.url, max_attempts=3)
+    page = client.deals(DealSelection())
+    single = json.loads(first_page_bytes)["tokensConsumed"]
+    assert len(server.hits) == 3 and page.status.tokens_consumed == single + 3
+    assert len(seen) == 3 and seen[-1].tokens_left == 295
+
+
+def test_truncated_product_body_keeps_complete_products(server: ScriptedServer) -> None:
+    """A truncated /product body: the complete products at its head are salvaged, the rest missing."""
+    products = [{"asin": f"B00000000{i}", "title": "x" * 50, "csv": [[1, 2]] * 20} for i in range(4)]
+    body = json.dumps({"products": products, **dict(ENVELOPE, tokensConsumed=24)}).encode()
+    server.script(Reply(200, body[: int(len(body) * 0.6)]))
+    client, _, _ = make_client(server.url)
+    with pytest.raises(ResponseLost) as ei:
+        client.products([p["asin"] for p in products], ProductOptions())
+    kept = [p["asin"] for p in ei.value.partial_products]
+    assert 1 <= len(kept) < 4 and kept == [p["asin"] for p in products[: len(kept)]]
+    assert ei.value.status is None  # the envelope comes last in this body: the charge is unknown
+
+
 def test_connection_refused_retried_and_bounded() -> None:
     client, clock, _ = make_client(refused_url(), max_attempts=4)
     with pytest.raises(RetriesExhausted) as ei:
         client.token_status()
-    assert ei.value.attempts == 4 and client.stats.transient["connection"] == 4
+    assert ei.value.attempts == 4 and client.stats.transient["connection_refused"] == 4
     assert client.stats.attempts["token"] == 4 and len(clock.slept_ms) == 3
     assert clock.slept_ms == sorted(clock.slept_ms)  # 500.., 1000.., 2000..
+
+
+def test_paid_connection_refused_is_retried() -> None:
+    """Nothing reached the server: a paid request is retried like any other."""
+    client, clock, _ = make_client(refused_url(), max_attempts=3)
+    with pytest.raises(RetriesExhausted):
+        client.deals(DealSelection())
+    assert client.stats.attempts["deal"] == 3
 
 
 def test_backoff_is_capped(server: ScriptedServer) -> None:
@@ -160,9 +208,9 @@ def test_backoff_is_capped(server: ScriptedServer) -> None:
 def test_success_after_two_failures(server: ScriptedServer, first_page_bytes: bytes) -> None:
     server.script(Reply(503, _html()), Reply(200, first_page_bytes[:500]), Reply(200, first_page_bytes))
     client, clock, seen = make_client(server.url, max_attempts=3)
-    page = client.deals(DealSelection())
-    assert len(page.deals) == 150 and len(server.hits) == 3 and len(clock.slept_ms) == 2
-    assert client.stats.retries["deal"] == 2 and client.stats.successes["deal"] == 1
+    page = client.token_status()
+    assert page.tokens_left == 295 and len(server.hits) == 3 and len(clock.slept_ms) == 2
+    assert client.stats.retries["token"] == 2 and client.stats.successes["token"] == 1
     assert [s.tokens_left for s in seen] == [295]
 
 
@@ -265,11 +313,24 @@ def test_constructor_validation() -> None:
         KeepaClient(KEY, domain=13)
 
 
+class _ClosingRecorder(requests.Session):
+    """A session that records how often it was closed."""
+
+    closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+        super().close()
+
+
 def test_uses_given_session(server: ScriptedServer) -> None:
     server.script(Reply(200, ENVELOPE))
-    with requests.Session() as session:
-        session.headers["User-Agent"] = "deals-pipeline-test"
-        with KeepaClient(KEY, base_url=server.url, session=session, clock=ManualClock()) as client:
-            assert client.token_status().tokens_left == 300
-        # The client did not close a session it does not own.
-        assert session.adapters
+    session = _ClosingRecorder()
+    session.headers["User-Agent"] = "deals-pipeline-test"
+    with KeepaClient(KEY, base_url=server.url, session=session, clock=ManualClock()) as client:
+        assert client.token_status().tokens_left == 300
+    # The client did not close a session it does not own; its owner does.
+    assert session.closes == 0
+    session.close()
+    assert session.closes == 1
+

@@ -10,7 +10,7 @@ import pytest
 
 from deals_pipeline.clock import ManualClock
 from deals_pipeline.keepa.client import KeepaClient
-from deals_pipeline.keepa.errors import KeepaError, NotEnoughTokens, RequestRejected, RetriesExhausted
+from deals_pipeline.keepa.errors import KeepaError, NotEnoughTokens, RequestRejected, ResponseLost, RetriesExhausted
 from deals_pipeline.keepa.query import DealSelection, ProductOptions
 from deals_pipeline.keepa.redact import RedactingFilter, Secret, install_urllib3_redaction, redact
 from deals_pipeline_tests.keepa.http_fixture import Reply, ScriptedServer, refused_url
@@ -57,6 +57,8 @@ def test_key_never_leaks(server: ScriptedServer, sentinel_key: str, caplog: pyte
         Reply(500, html), Reply(500, html),  # 500 exhausted (2 attempts)
         Reply(200, first_page_bytes, delay_s=0.5), Reply(200, first_page_bytes, delay_s=0.5),  # timeouts
         Reply(200, first_page_bytes[:100]), Reply(200, page),  # truncated, then non-JSON
+        Reply(200, first_page_bytes, delay_s=0.5),  # a paid read timeout: not retried
+        Reply(200, first_page_bytes[:100]),  # a paid truncated body: not retried
     )
     errors: list[BaseException] = []
 
@@ -73,12 +75,14 @@ def test_key_never_leaks(server: ScriptedServer, sentinel_key: str, caplog: pyte
     run(lambda: client.deals(DealSelection()), NotEnoughTokens)
     run(lambda: client.products(["B0031S36JA"], ProductOptions()), RequestRejected)
     run(lambda: client.token_status(), RetriesExhausted)
-    run(lambda: client.deals(DealSelection()), RetriesExhausted)  # read timeouts
-    run(lambda: client.deals(DealSelection()), RetriesExhausted)  # truncated + non-JSON
+    run(lambda: client.token_status(), RetriesExhausted)  # read timeouts (free endpoint: retried)
+    run(lambda: client.token_status(), RetriesExhausted)  # truncated + non-JSON
+    run(lambda: client.deals(DealSelection()), ResponseLost)  # paid: maybe charged, never retried blindly
+    run(lambda: client.products(["B0031S36JA"], ProductOptions()), ResponseLost)
     refused = KeepaClient(sentinel_key, base_url=refused_url(), clock=clock, max_attempts=2)
     run(lambda: refused.token_status(), RetriesExhausted)  # connection refused
 
-    assert len(errors) == 6
+    assert len(errors) == 8
     for exc in errors:
         assert_clean(exc, sentinel_key)
     assert sentinel_key not in caplog.text

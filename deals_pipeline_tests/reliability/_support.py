@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -22,8 +21,8 @@ import duckdb
 
 from deals_pipeline.simulator import KeepaSimulator
 from deals_pipeline.simulator.server import _Reply, _single
+from deals_pipeline_tests.harness.processes import REPO, worker_env
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO.parent / "shared" / "keepa-samples"
 FIRST_RUN = "run_2025-09-14T18-12Z_commit_b3f7397"
 
@@ -125,20 +124,6 @@ def _damage(reply: _Reply, new_body: Any) -> None:
 
 
 # -- worker processes ----------------------------------------------------------------------------
-
-
-def worker_env(sim_url: str, db_path: Path, *, key: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of a harness worker: no real key, no scaled clock unless ``extra`` sets one."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("KEEPA_API_KEY", "DEALS_PIPELINE_TIME_SCALE", "DEALS_PIPELINE_TIME_ANCHOR", "SELECTION")}
-    env.update({
-        "SIM_URL": sim_url,
-        "DEALS_DB_PATH": str(db_path),
-        "SIM_KEY": key,
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    })
-    env.update(extra or {})
-    return env
 
 
 @dataclass

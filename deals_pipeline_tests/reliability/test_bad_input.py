@@ -35,7 +35,6 @@ from deals_pipeline_tests.reliability._support import FIRST_RUN, SAMPLES, deals_
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-OUTCOMES: Counter = Counter()
 
 # -- junk values and mutations ---------------------------------------------------------------------
 
@@ -160,47 +159,64 @@ def check_token_status(body: Any) -> str:
     return "ok"
 
 
-@FUZZ
-@given(data=st.data())
-def test_fuzzed_deal_pages_give_a_typed_error_or_a_clean_skip(data) -> None:
+def fuzz_deal_page(data: st.DataObject) -> str:
     base = data.draw(st.sampled_from([DEAL_BODY, EMPTY_DEAL_BODY]))
-    outcome = check_deal_page(mutations(data.draw, base, DEAL_FOCUS))
-    OUTCOMES[f"deal {outcome}"] += 1
+    return check_deal_page(mutations(data.draw, base, DEAL_FOCUS))
 
 
-@FUZZ
-@given(data=st.data())
-def test_fuzzed_deals_inside_a_valid_page_are_skipped_with_a_reason(data) -> None:
+def fuzz_deal_in_page(data: st.DataObject) -> str:
     dr = list(DEAL_BODY["deals"]["dr"])
     i = data.draw(st.integers(0, len(dr) - 1))
     dr[i] = mutations(data.draw, dr[i], {0: DEAL_FOCUS[3]})
     outcome = check_deal_page({**DEAL_BODY, "deals": {**DEAL_BODY["deals"], "dr": dr}})
     assert not outcome.startswith("error"), "one bad deal must not fail the whole page"
-    OUTCOMES[f"deal {outcome}"] += 1
+    return outcome
+
+
+def fuzz_product_page(data: st.DataObject) -> str:
+    return check_product_page(mutations(data.draw, PRODUCT_BODY, PRODUCT_FOCUS))
+
+
+def fuzz_product_in_response(data: st.DataObject) -> str:
+    product = mutations(data.draw, PRODUCT_BODY["products"][0], {0: PRODUCT_FOCUS[2], 1: PRODUCT_FOCUS[3]})
+    outcome = check_product_page({**PRODUCT_BODY, "products": [product, PRODUCT_BODY["products"][0]]})
+    assert not outcome.startswith("error"), "one bad product must not fail the whole response"
+    return outcome
+
+
+def fuzz_token_envelope(data: st.DataObject) -> str:
+    base = data.draw(st.sampled_from(TOKEN_SAMPLES))
+    return check_token_status(mutations(data.draw, base))
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_deal_pages_give_a_typed_error_or_a_clean_skip(data) -> None:
+    fuzz_deal_page(data)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_deals_inside_a_valid_page_are_skipped_with_a_reason(data) -> None:
+    fuzz_deal_in_page(data)
 
 
 @FUZZ
 @given(data=st.data())
 def test_fuzzed_product_pages_give_a_typed_error_or_a_clean_skip(data) -> None:
-    outcome = check_product_page(mutations(data.draw, PRODUCT_BODY, PRODUCT_FOCUS))
-    OUTCOMES[f"product {outcome}"] += 1
+    fuzz_product_page(data)
 
 
 @FUZZ
 @given(data=st.data())
 def test_fuzzed_products_inside_a_valid_response_are_skipped_with_a_reason(data) -> None:
-    product = mutations(data.draw, PRODUCT_BODY["products"][0], {0: PRODUCT_FOCUS[2], 1: PRODUCT_FOCUS[3]})
-    outcome = check_product_page({**PRODUCT_BODY, "products": [product, PRODUCT_BODY["products"][0]]})
-    assert not outcome.startswith("error"), "one bad product must not fail the whole response"
-    OUTCOMES[f"product {outcome}"] += 1
+    fuzz_product_in_response(data)
 
 
 @FUZZ
 @given(data=st.data())
 def test_fuzzed_token_envelopes_give_a_typed_error_or_a_status(data) -> None:
-    base = data.draw(st.sampled_from(TOKEN_SAMPLES))
-    outcome = check_token_status(mutations(data.draw, base))
-    OUTCOMES[f"token {outcome}"] += 1
+    fuzz_token_envelope(data)
 
 
 @settings(max_examples=60, deadline=None, database=None)
@@ -212,14 +228,24 @@ def test_bodies_that_are_not_objects_are_typed_errors(body: Any) -> None:
 
 
 def test_fuzz_outcomes_cover_errors_skips_and_successes() -> None:
-    """Runs after the fuzz tests (file order): the mutations reached every kind of outcome."""
-    print("FUZZ outcomes", dict(OUTCOMES))
-    if not OUTCOMES:
-        pytest.skip("run together with the fuzz tests above")
+    """The mutations reach every kind of outcome: typed errors, skips and successes for deals, products
+    and token envelopes. Self-contained (its own derandomized examples), so it holds alone or in any order."""
+    outcomes: Counter = Counter()
+
+    @settings(FUZZ, max_examples=50, derandomize=True)
+    @given(data=st.data())
+    def sample(data: st.DataObject) -> None:
+        outcomes[f"deal {fuzz_deal_page(data)}"] += 1
+        outcomes[f"deal {fuzz_deal_in_page(data)}"] += 1
+        outcomes[f"product {fuzz_product_page(data)}"] += 1
+        outcomes[f"product {fuzz_product_in_response(data)}"] += 1
+        outcomes[f"token {fuzz_token_envelope(data)}"] += 1
+
+    sample()
     for kind in ("deal", "product", "token"):
-        assert OUTCOMES[f"{kind} error:MalformedPayload"] > 0
-        assert OUTCOMES[f"{kind} ok"] > 0
-    assert OUTCOMES["deal skipped"] > 0 and OUTCOMES["product skipped"] > 0
+        assert outcomes[f"{kind} error:MalformedPayload"] > 0, dict(outcomes)
+        assert outcomes[f"{kind} ok"] > 0, dict(outcomes)
+    assert outcomes["deal skipped"] > 0 and outcomes["product skipped"] > 0, dict(outcomes)
 
 
 # -- 2. malformed payloads end to end, over a database that already holds deals -------------------------
@@ -537,7 +563,8 @@ def test_a_deal_that_parses_can_be_stored(field: str) -> None:
     OUT_OF_RANGE[field](body["deals"]["dr"][0])
     page = DealPage.from_response(body, page=0)  # typed error or skip would be fine too ...
     con = duckdb.connect()
-    con.execute(MIGRATIONS[0])
+    for migration in MIGRATIONS:  # today's schema, as Database builds it
+        con.execute(migration)
     frame = deal_rows(page.deals, domain_id=1, price_type=2, source="t", origin="backfill", seen_at=utcnow())
     upsert_deals(con, frame)  # ... but what parsed must store
     assert con.execute("SELECT count(*) FROM deals").fetchone()[0] == len(page.deals)

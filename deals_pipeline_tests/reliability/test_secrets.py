@@ -22,8 +22,11 @@ import pytest
 
 from deals_pipeline.clock import SystemClock
 from deals_pipeline.simulator import SimulatorConfig
+from deals_pipeline.storage import Database
 from deals_pipeline_tests.keepa.http_fixture import refused_url
 from deals_pipeline_tests.reliability._support import RecordingSimulator, backfill_job, query
+
+pytestmark = pytest.mark.slow  # Dagster runs and the whole stack
 
 SELECTION = {"domainId": 1, "priceTypes": [2], "dateRange": 3, "sortType": 4}
 
@@ -74,6 +77,8 @@ def test_the_sentinel_key_never_leaks(tmp_path: Path, sentinel_key: str, caplog:
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     db_path = tmp_path / "secrets.duckdb"
+    with Database(db_path, data_mode="keepa").connect():  # what `deals-pipeline init` does: keepa mode never creates it
+        pass
     config = SimulatorConfig(refill_rate=2000, catalog_size=200, seed=3, expected_key=sentinel_key)
     texts: list[str] = []
     outcomes = {}

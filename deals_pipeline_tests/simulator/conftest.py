@@ -17,11 +17,13 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def make_sim(clock: ManualClock) -> Iterator[Callable[..., KeepaSimulator]]:
-    """Build and start simulators (stopped at teardown). Keyword args go to SimulatorConfig."""
+def make_sim(clock: ManualClock, sentinel_key: str) -> Iterator[Callable[..., KeepaSimulator]]:
+    """Build and start simulators (stopped at teardown). Keyword args go to SimulatorConfig. The key is strict
+    (the sentinel key, what ``Api`` sends): any other key gets HTTP 400, as from Keepa."""
     started: list[KeepaSimulator] = []
 
     def _make(clock_: ManualClock | None = None, **cfg: Any) -> KeepaSimulator:
+        cfg.setdefault("expected_key", sentinel_key)
         sim = KeepaSimulator(SimulatorConfig(**cfg), clock=clock_ or clock)
         sim.start()
         started.append(sim)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from deals_pipeline.clock import TIME_SCALE_ENV, ScaledClock, clock_from_env
@@ -27,6 +28,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 15.0) -> dict
     raise AssertionError("ready-file never appeared")
 
 
+@pytest.mark.slow  # a real subprocess
 def test_cli_subprocess_ready_file_token_and_sigterm(tmp_path, sentinel_key):
     ready = tmp_path / "sim" / "ready.json"
     proc = subprocess.Popen(

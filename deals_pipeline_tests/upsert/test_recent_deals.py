@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from deals_pipeline.keepa.keepa_time import unix_ms_to_keepa_minute
 from deals_pipeline.simulator import SimulatorConfig
 from deals_pipeline.upsert.service import Watermark, read_watermark
@@ -32,12 +34,17 @@ def test_first_run_takes_the_newest_batch_and_sets_the_watermark(make_stack):
     newest = stack.sim.catalog.newest(20, stack.clock.now_ms())
     with stack.db.connect() as con:
         enriched = {r[0] for r in con.execute("SELECT asin FROM deals WHERE state = 'enriched'").fetchall()}
-    assert enriched == {d["asin"] for d in newest}
+    # The newest 20 by lastUpdate (deals tied at the boundary minute may be any of the tied ones).
+    stored = _stored_versions(stack)
+    assert len(enriched) == 20 and min(stored[a] for a in enriched) >= min(d["lastUpdate"] for d in newest)
     assert set(_stored_versions(stack)) == {d["asin"] for d in stack.sim.catalog.newest(150, stack.clock.now_ms())}
     assert report.watermark_after == read_watermark(stack.db)
     assert report.pages_fetched == 1
 
 
+# Simulated time costs no wall time (ManualClock), but these runs are CPU-bound: ~30-60 s idle, 260-300+ s
+# at a load average of ~20-30 on 2 cores (past the suite's 300 s hang guard). A larger guard, no window.
+@pytest.mark.timeout(1200)
 def test_a_backlog_is_drained_oldest_first_with_nothing_skipped(make_stack):
     # ~15 changed deals/hour at 5 tokens/min: within what the refill pays for (~25 deals/hour).
     config = SimulatorConfig(refill_rate=5, catalog_size=400, drift_new_per_hour=10, drift_updates_per_hour=5)
@@ -94,6 +101,9 @@ def test_watermark_never_ahead_of_server_clock(make_stack):
         assert wm.last_update_minute <= unix_ms_to_keepa_minute(stack.clock.now_ms())
 
 
+# Simulated time costs no wall time (ManualClock), but these runs are CPU-bound: ~30-60 s idle, 260-300+ s
+# at a load average of ~20-30 on 2 cores (past the suite's 300 s hang guard). A larger guard, no window.
+@pytest.mark.timeout(1200)
 def test_six_simulated_hours_with_drift_and_backfill_every_upsert_completes(make_stack):
     """5 tokens/min, drift on, backfill sharing the budget: the upserter keeps up and loses nothing."""
     from deals_pipeline_tests.harness.simulation import simulate
