@@ -19,7 +19,7 @@ cleanup() {
 trap cleanup EXIT
 # Nothing from the caller's setup: a newcomer has none of it.
 unset DAGSTER_HOME DEALS_DB_PATH KEEPA_API_KEY DEALS_PIPELINE_MODE KEEPA_SIMULATOR_URL \
-      DEALS_PIPELINE_TIME_SCALE DEALS_PIPELINE_TIME_ANCHOR DEALS_RUN_BUDGET_MINUTES
+      DEALS_PIPELINE_TIME_SCALE DEALS_PIPELINE_TIME_ANCHOR DEALS_RUN_BUDGET_MINUTES DEALS_MAX_WAIT_IN_SLOT_S
 git clone --quiet "$repo" "$work/checkout"
 cd "$work/checkout"
 

@@ -19,6 +19,7 @@ QUERY = """
     partitionStats { numMaterialized numPartitions }
     assetPartitionStatuses { ... on DefaultPartitionStatuses { materializedPartitions } }
     assetMaterializations(limit: 1) { runId }
+    assetObservations(limit: 1) { runId }
     assetChecksOrError { ... on AssetChecks { checks { name executionForLatestMaterialization { status } } } }
   }
 }
@@ -52,10 +53,14 @@ def main(base: str) -> int:
     print(f"webserver: {len(runs)} runs ({', '.join(sorted({r['status'] for r in runs}))}); "
           f"deal_pages materialized partitions {sorted(pages, key=int)} of "
           f"{nodes['deal_pages']['partitionStats']['numPartitions']}; "
-          f"recent_deals materialized: {bool(nodes['recent_deals']['assetMaterializations'])}; checks {checks}")
+          f"recent_deals materialized: {bool(nodes['recent_deals']['assetMaterializations'])}, "
+          f"observed: {bool(nodes['recent_deals']['assetObservations'])}; checks {checks}")
     assert len(runs) >= 3 and all(r["status"] == "SUCCESS" for r in runs), runs
     assert {"0", "1"} <= set(pages), pages
-    assert nodes["recent_deals"]["assetMaterializations"], nodes["recent_deals"]
+    # recent_deals materializes only when its run brought the data up to date; otherwise the run records
+    # why as an observation (the demo's one upsert at 5 tokens/min usually leaves a backlog).
+    assert nodes["recent_deals"]["assetMaterializations"] or nodes["recent_deals"]["assetObservations"], \
+        nodes["recent_deals"]
     assert any(status is not None for status in checks.values()), checks
     return 0
 

@@ -375,6 +375,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         env = {**os.environ, **info["env"], ENV_MODE: "simulator", ENV_SIMULATOR_URL: info["base_url"],
                ENV_DB_PATH: str(db_path), "DAGSTER_HOME": str(home)}
         env.pop("KEEPA_API_KEY", None)
+        # The demo runs each page once from the shell, with no sensor to relaunch deferred work: give a run
+        # the whole page (the deadline and the in-slot wait bound are timeline times; one real minute of
+        # waiting in the slot is plenty on this clock). A value the user set wins.
+        env.setdefault("DEALS_RUN_BUDGET_MINUTES", "1440")
+        env.setdefault("DEALS_MAX_WAIT_IN_SLOT_S", str(int(60 * args.time_scale)))
         print(f"simulator: {info['base_url']} at {args.refill_rate} tokens/min, time x{args.time_scale:g}")
         print(f"state: Dagster instance {_shown(home)}, database {_shown(db_path)} (simulator data"
               f"{', replacing the previous demo' if replaced else ''})")
