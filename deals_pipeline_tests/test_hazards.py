@@ -336,7 +336,9 @@ def test_h16_h8_the_upserter_retries_a_429_and_a_storm_fails_the_run(make_stack)
     updater = _updater(stack, chunk_size=100, product_options=LEAN)
     stack.sim.inject("not_enough_tokens", count=1, endpoint="deal")
     first = updater.run()
-    assert first.status == "complete" and first.deals_new == 20 and stack.sim.stats().rejected_429 == 1
+    # Lossless discovery: the whole paid page (30 deals) is stored; the newest batch of 20 is enriched.
+    assert first.status == "complete" and first.deals_new == 30 and first.selected == 20, first
+    assert first.chunks_done == 1 and stack.sim.stats().rejected_429 == 1
     stack.sim.inject("not_enough_tokens", count=5, endpoint="deal")
     report = updater.run()
     assert report.status == "failed" and "NotEnoughTokens" in report.error
@@ -359,11 +361,19 @@ def test_h40_a_write_failure_after_paying_never_pays_twice(make_stack) -> None:
     assert set(fetches) == set(snapshot.chunk_asins[0]) and set(fetches.values()) == {1}
     with stack.db.transaction() as con:
         con.execute("ALTER TABLE deals ADD COLUMN product_live_offers INTEGER")
+    # The failed chunk backs off (scheduling.py) before it is retried; held back, it pays nothing.
+    held = backfill.run_chunk(snapshot, 0)
+    assert held.status == "backoff" and held.wait_ms is not None and held.wait_ms > 0, held
+    assert dict(stack.sim.stats().product_fetches) == fetches
+    stack.clock.advance(held.wait_ms)
     done = backfill.run_chunk(snapshot, 0)
     assert done.status == "done" and done.deals_stored == 4
     assert dict(stack.sim.stats().product_fetches) == fetches, "the staged response was re-used, not re-bought"
     assert backfill.enricher.spool.pending_count() == 0
-    assert set(_stored(stack)) == set(snapshot.chunk_asins[0])
+    # Lossless discovery stored the whole page at the snapshot; the chunk's four are enriched from the spool.
+    assert set(_stored(stack)) == {d.asin for d in snapshot.deals}
+    enriched = {r[0] for r in _ledger(stack, "SELECT asin FROM deals WHERE state = 'enriched' AND raw_product IS NOT NULL")}
+    assert enriched == set(snapshot.chunk_asins[0])
     spent = _ledger(stack, "SELECT sum(actual) FROM token_ledger WHERE state = 'settled'")[0][0]
     assert spent == stack.sim.stats().tokens_consumed  # the one payment is accounted once
 
@@ -485,7 +495,7 @@ def test_h45_the_query_price_type_drives_the_prefilter_and_the_stored_price(make
     assert enricher.price_type == 1
     plan = enricher.plan([no_new])
     assert plan.filtered == [no_new.asin] and plan.to_fetch == []
-    frame = enricher.rows(plan, enricher.fetch([], deadline_ms=None, detail=""))
+    frame = enricher.rows(plan, enricher.fetch([], deadline_ms=None, detail="", scope="h45"))
     row = frame.iloc[0]
     assert row["price_type"] == 1 and row["current_price"] is None and row["viability"] == "filtered"
     assert row["current_used"] == no_new.raw["current"][2] and row["current_amazon"] is None  # -1 -> NULL
@@ -504,7 +514,9 @@ def test_h53_h9_the_existing_asin_check_reads_a_stored_row(make_stack, sample_pa
         table = [r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'deals' ORDER BY ordinal_position"
         ).fetchall()]
-    assert table == DEAL_COLUMNS  # the DataFrame layout is the table's layout
+    # The DataFrame layout is the table's layout, plus the lifecycle's own column (schema v5, lifecycle.py):
+    # written only by the lifecycle pass, never by a deal row (an upsert sets it back to NULL).
+    assert table == DEAL_COLUMNS + ["inactive_since"]
     deal, kept_out = sample_page.deals[0], sample_page.deals[1]
     product = replace(sample_product, asin=deal.asin)
     with stack.db.transaction() as con:

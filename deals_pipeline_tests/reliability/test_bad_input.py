@@ -7,7 +7,9 @@
    MalformedPayload) or a clean skip with a reason, never another exception.
 2. End to end: such payloads served over HTTP by the simulator (``inject("malformed")`` or a scripted
    mutation of its 200 bodies) to backfill and upsert runs over a database that already holds
-   deals: nothing already stored changes (the deals table is compared column by column).
+   deals: nothing already stored changes (the deals table is compared column by column), except the
+   free deal-page refresh lossless discovery makes of a valid newer version, which keeps the deal's
+   paid enrichment; a non-JSON paid body is ResponseLost and never re-sent inside its reservation.
 3. Bad configuration fails at load, with a message that says what to fix.
 4. Product bugs found here (fixed since) are guarded by the tests at the end of this file.
 """
@@ -349,6 +351,13 @@ def test_malformed_product_response_fails_the_chunk_and_changes_nothing(seeded_d
     assert outcome.status == "failed" and "MalformedPayload" in outcome.error
     _assert_nothing_stored_changed(before, _state(stack.db_path))
     assert set(before["deals"]) == set(deals_snapshot(stack.db_path)), "a failed chunk stored rows"
+    # A failed chunk backs off before it is retried: a rerun at once pays nothing for it ...
+    fetches = sum(stack.sim.stats().product_fetches.values())
+    held = backfill.run_chunk(snapshot, 0)
+    assert held.status == "backoff" and held.wait_ms, held
+    assert sum(stack.sim.stats().product_fetches.values()) == fetches, "retried before its backoff ended"
+    # ... and the run after the backoff completes the page.
+    stack.clock.advance(held.wait_ms)
     assert backfill.run_page(1).complete
 
 
@@ -374,9 +383,17 @@ def test_upsert_with_newer_but_broken_versions_changes_nothing(seeded_db, tmp_pa
     now_minute = unix_ms_to_keepa_minute(stack.clock.now_ms())
     stack.sim.mutate_deal = _break_stored_deals(set(before["deals"]), bump_to=now_minute)
     report = stack.updater(chunk_size=CHUNK).run()
-    assert report.status == "nothing_new", report
     assert stack.sim.stats().product_fetches == Counter()
     _assert_nothing_stored_changed(before, _state(stack.db_path))
+    # Lossless discovery: the valid deals of the paid pages that were not stored yet are stored as
+    # 'discovered' (below the upserter's floor: the backfill's to enrich); no broken one refreshes a row.
+    new = set(deals_snapshot(stack.db_path)) - set(before["deals"])
+    assert report.status == ("complete" if new else "nothing_new"), report
+    assert (report.deals_new, report.deals_updated) == (len(new), 0), report
+    (floor,) = [m for name, m, _ in before["watermark"] if name == "recent_deals_floor"]
+    rows = query(stack.db_path, "SELECT state, enriched_at IS NULL, last_update_minute < ? FROM deals "
+                                "WHERE asin IN (SELECT unnest(?))", [floor, sorted(new)])
+    assert set(rows) <= {("discovered", True, True)}, Counter(rows)
 
 
 @pytest.mark.parametrize("damage", ["deals_not_an_object", "envelope_garbage", "html_body", "empty_body"])
@@ -390,27 +407,68 @@ def test_upsert_with_a_broken_deal_page_fails_typed_and_changes_nothing(seeded_d
         "html_body": lambda b: b"<html><body><h1>502 Bad Gateway</h1></body></html>",
         "empty_body": lambda b: b"",
     }[damage]
+    ledger_before = query(stack.db_path, "SELECT count(*) FROM token_ledger")[0][0]
     report = stack.updater(chunk_size=CHUNK).run()
     assert report.status == "failed"
+    # A 200 whose body is not JSON may have been charged: ResponseLost, never retried inside its reservation
+    # (the client's max_attempts=2 would have paid a second time).
     expected = {"deals_not_an_object": "MalformedPayload", "envelope_garbage": "MalformedPayload",
-                "html_body": "RetriesExhausted", "empty_body": "RetriesExhausted"}[damage]
+                "html_body": "ResponseLost", "empty_body": "ResponseLost"}[damage]
     assert report.error.startswith(expected), report.error
     _assert_nothing_stored_changed(before, _state(stack.db_path))
+    if expected == "ResponseLost":
+        assert [s.page for s in stack.sim.served_log() if s.endpoint == "deal"] == [0], "a lost paid page was re-sent"
+        # The possibly-charged request keeps counting ('failed', charge unknown), it is not released.
+        rows = query(stack.db_path, "SELECT purpose, state FROM token_ledger ORDER BY created_ms, rowid OFFSET ?",
+                     [ledger_before])
+        assert ("deal_page", "failed") in rows and ("deal_page", "released") not in rows, rows
     assert query(stack.db_path, "SELECT status FROM upsert_runs WHERE run_id = ?", [report.run_id]) == [("failed",)]
+
+
+#: What a /product purchase wrote on a deal: a failed or skipped re-purchase must leave all of it as it was.
+ENRICHMENT_COLUMNS = ("product_title", "product_sales_rank", "product_used_price", "product_total_offers",
+                      "product_last_update", "enriched_at", "enriched_minute", "enriched_at_ms", "enriched_price",
+                      "raw_product", "state")
+
+
+def _deal_columns(path: Path) -> list[str]:
+    """The ``deals`` columns in the order of :func:`deals_snapshot` (asin first, left out)."""
+    return [c for (c,) in query(path, "SELECT column_name FROM information_schema.columns "
+                                      "WHERE table_name = 'deals' AND column_name <> 'asin' ORDER BY ordinal_position")]
+
+
+def _assert_enrichment_kept(before: dict, path: Path, refreshed: set[str]) -> None:
+    """Deals outside ``refreshed`` are unchanged; ``refreshed`` ones (a newer deal-page version, stored for
+    free by lossless discovery) keep every column their paid enrichment wrote."""
+    after = deals_snapshot(path)
+    changed = [a for a in set(before["deals"]) - refreshed if after.get(a) != before["deals"][a]]
+    assert not changed, f"{len(changed)} deals outside the refreshed ones changed, e.g. {changed[:3]}"
+    cols = _deal_columns(path)
+    for asin in refreshed:
+        for col in ENRICHMENT_COLUMNS:
+            i = cols.index(col)
+            assert after[asin][i] == before["deals"][asin][i], (asin, col)
 
 
 @pytest.mark.parametrize("damage", ["products_a_list_body", "product_fields_garbage", "products_missing"])
 def test_upsert_with_a_broken_product_response_changes_nothing(seeded_db, tmp_path, rec_stack, damage: str) -> None:
     stack = _stack_on_copy(seeded_db, tmp_path, rec_stack)
     before = _state(stack.db_path)
-    newest = stack.sim.catalog.newest(3, stack.clock.now_ms())
-    bumped = {d["asin"] for d in newest}
-    now_minute = unix_ms_to_keepa_minute(stack.clock.now_ms())
+    now_ms = stack.clock.now_ms()
+    # Three enriched deals come back with a newer version whose watched price moved 50%: the re-enrichment
+    # policy buys them again (a newer lastUpdate alone only refreshes the deal-page fields, for free).
+    state_col = _deal_columns(stack.db_path).index("state")
+    bumped = {d["asin"] for d in stack.sim.catalog.newest(40, now_ms)
+              if d["current"][2] > 0 and before["deals"].get(d["asin"], ("",) * (state_col + 1))[state_col] == "enriched"}
+    bumped = set(sorted(bumped)[:3])
+    assert len(bumped) == 3, "the fixture should hold enriched deals among the newest"
+    now_minute = unix_ms_to_keepa_minute(now_ms)
 
-    def newer(body: dict) -> dict:  # three stored deals come back with a newer, valid version
+    def newer(body: dict) -> dict:
         for deal in body["deals"]["dr"]:
             if deal["asin"] in bumped:
                 deal["lastUpdate"] = now_minute
+                deal["current"][2] = deal["current"][2] * 3 // 2
         return body
 
     stack.sim.mutate_deal = newer
@@ -420,23 +478,25 @@ def test_upsert_with_a_broken_product_response_changes_nothing(seeded_db, tmp_pa
         "products_missing": lambda b: {k: v for k, v in b.items() if k != "products"},
     }[damage]
     report = stack.updater(chunk_size=CHUNK).run()
+    assert stack.sim.hook_hits["mutate_product"] >= 1, "the run never bought a product: the damage went unused"
     if damage == "product_fields_garbage":
-        # Each product is skipped (typed reason); the deals are stored unenriched, enrichment kept.
+        # Each product is skipped (typed reason): the run completes, the deals keep their enrichment.
         assert report.status == "complete", report
-        after = deals_snapshot(stack.db_path)
-        for asin in set(before["deals"]) - bumped:
-            assert after[asin] == before["deals"][asin]
-        cols = [c for (c,) in query(stack.db_path, "SELECT column_name FROM information_schema.columns "
-                                                   "WHERE table_name = 'deals' AND column_name <> 'asin' "
-                                                   "ORDER BY ordinal_position")]
-        kept = ("product_title", "product_sales_rank", "enriched_at", "enriched_minute", "raw_product")
-        for asin in bumped:
-            for col in kept:
-                i = cols.index(col)
-                assert after[asin][i] == before["deals"][asin][i], (asin, col)
     else:
         assert report.status == "failed" and report.error.startswith("MalformedPayload"), report
-        _assert_nothing_stored_changed(before, _state(stack.db_path))
+    _assert_enrichment_kept(before, stack.db_path, bumped)
+    for key in ("page0", "chunks0"):
+        assert _state(stack.db_path)[key] == before[key], key
+    # Nothing is lost: the next run without the damage buys the re-enrichment the broken response denied.
+    stack.sim.mutate_product = None
+    assert stack.updater(chunk_size=CHUNK).run().status == "complete"
+    cols = _deal_columns(stack.db_path)
+    after = deals_snapshot(stack.db_path)
+    price, bought_at = cols.index("current_price"), cols.index("enriched_price")
+    for asin in bumped:
+        assert after[asin][bought_at] == after[asin][price] != before["deals"][asin][bought_at], (
+            f"{asin} was never re-enriched at its new price")
+        assert after[asin][state_col] == "enriched", asin
 
 
 # -- 3. bad configuration fails at load with a clear message --------------------------------------------
