@@ -114,7 +114,9 @@ def run_dagster(sim_url: str, db_path: str, page: int, stats: dict) -> dict:
         "keepa": KeepaResource(mode="simulator", simulator_url=sim_url),
         "database": DealsDatabaseResource(path=db_path),
         "token_budget": TokenBudgetResource(refill_rate_guess=REFILL_RATE_GUESS),
-        "query": DealQueryResource(),
+        # The plain run's settings: single-stage enrichment (no stats rules) and no in-slot wait bound,
+        # so both runs buy the same products and the ratio measures orchestration only.
+        "query": DealQueryResource(stats_max_out_of_stock_pct90=None, max_wait_in_slot_s=24 * 3600),
     }
     defs = dg.Definitions(assets=[deal_pages], jobs=[deal_pages_job], resources=resources)
     job = defs.get_job_def("deal_pages_job")

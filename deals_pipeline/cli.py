@@ -71,9 +71,26 @@ def parse_pages(text: str) -> list[int]:
 
 
 def _resources() -> dict[str, Any]:
+    """The definitions' resources with their EnvVars resolved: outside a Dagster run nothing resolves them, so an
+    unresolved field would hold the variable's NAME (e.g. mode 'DEALS_PIPELINE_MODE'). Rebuilt from the values,
+    so each resource's own validation gives its typed error for a bad value."""
+    from dagster._config.field_utils import EnvVar, IntEnvVar  # IntEnvVar is what dg.EnvVar.int returns
+
     from deals_pipeline.defs.resources import default_resources
 
-    return default_resources()
+    def value(field: object) -> object:
+        if isinstance(field, EnvVar):
+            return os.environ[field.env_var_name]
+        if isinstance(field, IntEnvVar):
+            raw = os.environ[field.env_var_name]
+            try:
+                return int(raw)
+            except ValueError:
+                raise ConfigError(f"{field.env_var_name} must be an integer, got {raw!r}") from None
+        return field
+
+    return {name: type(resource)(**{key: value(getattr(resource, key)) for key in type(resource).model_fields})
+            for name, resource in default_resources().items()}
 
 
 def _mode(resources: dict[str, Any], *, required: bool) -> str | None:

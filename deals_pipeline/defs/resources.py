@@ -74,6 +74,9 @@ class KeepaResource(dg.ConfigurableResource):
     max_attempts: int = Field(default=4, description="Attempts per request on transient errors (bounded).")
 
     def resolved_mode(self) -> str:
+        # Checked with the mode, so every command (status included) refuses a bad domain in one line.
+        if not 1 <= self.domain <= 11:
+            raise ConfigError(f"{ENV_DOMAIN}={self.domain} is not a Keepa /deal domain (1..11, e.g. 1 = amazon.com)")
         mode = (self.mode or "auto").strip().lower()
         if mode not in ("auto", "keepa", "simulator"):
             raise ConfigError(f"Keepa mode must be 'auto', 'keepa' or 'simulator', got {self.mode!r}")
@@ -88,8 +91,6 @@ class KeepaResource(dg.ConfigurableResource):
 
     def build_client(self, clock: Clock) -> tuple[KeepaClient, str]:
         """(client, data source name). Raises ConfigError with both options when neither is set."""
-        if not 1 <= self.domain <= 11:
-            raise ConfigError(f"{ENV_DOMAIN}={self.domain} is not a Keepa /deal domain (1..11, e.g. 1 = amazon.com)")
         mode = self.resolved_mode()
         if mode == "simulator":
             url = self.simulator_url or _embedded_simulator_url(clock, self.simulator_refill_rate)

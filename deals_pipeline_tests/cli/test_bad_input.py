@@ -17,7 +17,7 @@ CASES = [
     (["status"], {"KEEPA_DOMAIN": "12"}, ["KEEPA_DOMAIN=12", "1..11"]),
     (["backfill", "--pages", "2-3"], {"KEEPA_DOMAIN": "12"}, ["KEEPA_DOMAIN=12"]),
     (["status"], {"KEEPA_DOMAIN": "us"}, ["KEEPA_DOMAIN must be an integer"]),
-    (["status"], {"DEALS_RUN_BUDGET_MINUTES": "soon"}, ["DEALS_RUN_BUDGET_MINUTES must be an integer"]),
+    (["status"], {"DEALS_RUN_BUDGET_MINUTES": "soon"}, ["DEALS_RUN_BUDGET_MINUTES must be a number"]),
     (["backfill", "--pages", "0"], {"DEALS_PIPELINE_MODE": "simulator", "DEALS_PIPELINE_TIME_SCALE": "fast"},
      ["DEALS_PIPELINE_TIME_SCALE must be a number"]),
     (["backfill", "--pages", "0"], {"DEALS_PIPELINE_MODE": "simulator", "DEALS_PIPELINE_TIME_SCALE": "-5"},

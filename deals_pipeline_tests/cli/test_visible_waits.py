@@ -88,9 +88,12 @@ def test_a_waiting_chunk_step_says_so_in_its_log_and_metadata(tmp_path, monkeypa
                 "keepa": KeepaResource(mode="simulator", simulator_url=sim.base_url),
                 "database": DealsDatabaseResource(path=str(tmp_path / "d.duckdb")),
                 "token_budget": TokenBudgetResource(refill_rate_guess=5, run_budget_minutes=10_000),
-                "query": DealQueryResource(chunk_size=10),  # ~100 tokens a chunk: 20 min of refill each
+                # A full page (1) in chunks of 40: ~100 tokens a chunk with the calibrated costs (filtered deals are
+                # free), 20 min of refill each, more than the page fetch's wait leaves. The in-slot wait limit is in
+                # TIMELINE seconds: its default (2 min) would defer the page at once, so nothing would wait.
+                "query": DealQueryResource(chunk_size=40, max_wait_in_slot_s=6 * 3600),
             }
-            result = dg.materialize([deal_pages], partition_key="2", instance=instance, resources=resources)
+            result = dg.materialize([deal_pages], partition_key="1", instance=instance, resources=resources)
         assert result.success
         observations = [e.event_specific_data.asset_observation for e in result.all_events
                         if e.event_type_value == "ASSET_OBSERVATION"]
