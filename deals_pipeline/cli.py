@@ -89,8 +89,10 @@ def _resources() -> dict[str, Any]:
                 raise ConfigError(f"{field.env_var_name} must be an integer, got {raw!r}") from None
         return field
 
-    return {name: type(resource)(**{key: value(getattr(resource, key)) for key in type(resource).model_fields})
-            for name, resource in default_resources().items()}
+    resources = {name: type(resource)(**{key: value(getattr(resource, key)) for key in type(resource).model_fields})
+                 for name, resource in default_resources().items()}
+    resources["keepa"].check_domain()  # before any mode or database question, so even `status` refuses it
+    return resources
 
 
 def _mode(resources: dict[str, Any], *, required: bool) -> str | None:

@@ -73,10 +73,13 @@ class KeepaResource(dg.ConfigurableResource):
     read_timeout_s: float = Field(default=60.0, description="Per-request read timeout.")
     max_attempts: int = Field(default=4, description="Attempts per request on transient errors (bounded).")
 
-    def resolved_mode(self) -> str:
-        # Checked with the mode, so every command (status included) refuses a bad domain in one line.
+    def check_domain(self) -> None:
+        """A typed one-line error for a domain Keepa's /deal does not serve (every command checks it)."""
         if not 1 <= self.domain <= 11:
             raise ConfigError(f"{ENV_DOMAIN}={self.domain} is not a Keepa /deal domain (1..11, e.g. 1 = amazon.com)")
+
+    def resolved_mode(self) -> str:
+        self.check_domain()
         mode = (self.mode or "auto").strip().lower()
         if mode not in ("auto", "keepa", "simulator"):
             raise ConfigError(f"Keepa mode must be 'auto', 'keepa' or 'simulator', got {self.mode!r}")

@@ -69,7 +69,9 @@ def _sensor_outcome(result) -> str:
     text = result.skip_message or ""
     # "stayed locked by another process": DatabaseBusy, the sensor's skip for a busy file (decides next tick).
     for key, label in (("stayed locked by another process", "skip:db_busy"), ("budget:", "skip:budget"),
-                       ("in flight", "skip:in_flight"), ("backfill complete", "skip:done")):
+                       ("in flight", "skip:in_flight"), ("backfill complete", "skip:done"),
+                       # the upsert sensor's adaptive poll interval has not elapsed yet (issue 16)
+                       ("next poll in", "skip:poll_interval")):
         if key in text:
             return label
     raise AssertionError(f"unexpected skip reason: {text}")
