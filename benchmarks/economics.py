@@ -224,7 +224,9 @@ def measure(ctx: BenchContext) -> dict:
     (50 and 500/min, default 4), ECONOMICS_RATES (default 5,50,500)."""
     hours_main = float(os.environ.get("ECONOMICS_HOURS", 0.5 if ctx.quick else 24.0))
     hours_scale = float(os.environ.get("ECONOMICS_SCALE_HOURS", 0.25 if ctx.quick else 4.0))
-    rates = [int(r) for r in os.environ.get("ECONOMICS_RATES", "5,50,500").split(",")]
+    # Quick mode: the 5/min runs only. 50 and 500/min take the same code paths, and their 0.25 h windows see
+    # no churned deal version before the first poll (the check would flag an empty window, not a broken path).
+    rates = [int(r) for r in os.environ.get("ECONOMICS_RATES", "5" if ctx.quick else "5,50,500").split(",")]
     runs: list[dict] = []
     plan = []
     for rate in rates:
