@@ -171,7 +171,7 @@ def test_runs_status_and_sensors_share_one_database_and_one_budget(tmp_path: Pat
         assert code in (0, 2), (code, err[-1500:])
         if code == 0:
             health = json.loads(out)
-            assert set(health) == {"deals", "backfill", "tokens", "upsert"}
+            assert set(health) == {"deals", "backfill", "tokens", "upsert", "waits", "clock"}
             status_counts["ok"] += 1
         else:
             assert "the database is busy" in err
